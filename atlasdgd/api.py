@@ -1,0 +1,232 @@
+"""The user-facing model class: set up from data, train, save, load, embed.
+
+    >>> import atlasdgd
+    >>> data = atlasdgd.simulate(n_cells=2000, n_batches=2)
+    >>> model = atlasdgd.DGD(data, label_key="cell_type", covariate_keys=["batch"])
+    >>> model.train(max_epochs=100)
+    >>> model.save("model_dir")
+    >>> cells = atlasdgd.DGD.load("model_dir").embed()   # AnnData with obsm["X_dgd"]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from atlasdgd.artifact import ModelFiles, Vocabulary, read_model, write_model
+from atlasdgd.data.adapters import prepare
+from atlasdgd.data.cells import SPLIT_KEY, CellData
+from atlasdgd.data.loader import InMemoryLoader
+from atlasdgd.errors import AtlasDGDError
+from atlasdgd.model.config import ModelConfig
+from atlasdgd.model.module import DGDModule
+from atlasdgd.optim.row_adam import RepresentationTable
+from atlasdgd.train.config import TrainConfig
+from atlasdgd.train.init import kmeans_means, pca_representations
+from atlasdgd.train.trainer import Trainer, fit_representations
+
+EMBEDDING_KEY = "X_dgd"
+CLUSTER_KEY = "dgd_cluster"
+
+
+class DGD:
+    """A Deep Generative Decoder model and the representations of the cells it was trained on.
+
+    Args:
+        data: AnnData or MuData with raw counts (see :func:`atlasdgd.data.adapters.prepare` for
+            ``modalities``, ``layer``, ``modality_key`` and ``split_key``).
+        label_key: obs column of cell-type labels: sets the number of mixture components and
+            gives each component a label.
+        covariate_keys: obs columns of categorical covariates (batch, donor, ...) to model with
+            their own 2-D supervised representations, keeping them out of the basal one.
+        latent_dim: basal representation size.
+        n_components: mixture components (default: number of labels, else 1).
+        seed: seeds the split, initialisation and minibatch order.
+        **model_options: other :class:`~atlasdgd.model.config.ModelConfig` fields.
+    """
+
+    def __init__(
+        self,
+        data=None,
+        *,
+        label_key: str | None = None,
+        covariate_keys: list[str] | tuple[str, ...] = (),
+        modalities: list[str] | None = None,
+        layer: str | dict[str, str] | None = None,
+        modality_key: str | None = None,
+        split_key: str | None = None,
+        split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        latent_dim: int = 20,
+        n_components: int | None = None,
+        seed: int = 0,
+        **model_options,
+    ):
+        self.cells: ad.AnnData | None = None
+        self.history = pd.DataFrame()
+        self.train_config = TrainConfig(seed=seed)
+        if data is None:  # filled by load()
+            return
+        self.data: CellData | None = prepare(
+            data,
+            label_key=label_key,
+            covariate_keys=list(covariate_keys),
+            modalities=modalities,
+            layer=layer,
+            modality_key=modality_key,
+            split_key=split_key,
+            split_fractions=split_fractions,
+            seed=seed,
+        )
+        labels = self.data.label_classes()
+        if n_components is None:
+            n_components = len(labels) if labels else 1
+        if n_components < 1:
+            raise AtlasDGDError(f"n_components must be >= 1, got {n_components}")
+        self.model_config = ModelConfig(
+            modalities={m: x.shape[1] for m, x in self.data.counts.items()},
+            latent_dim=latent_dim,
+            n_components=n_components,
+            covariates={k: len(v) for k, v in self.data.covariate_classes().items()},
+            **model_options,
+        )
+        self.vocab = Vocabulary(
+            features={m: list(map(str, f)) for m, f in self.data.feature_names.items()},
+            label_key=label_key,
+            labels=labels,
+            covariates=self.data.covariate_classes(),
+        )
+        torch.manual_seed(seed)
+        self.module = DGDModule(self.model_config, generator=torch.Generator().manual_seed(seed))
+
+    # -- training ------------------------------------------------------------------------
+    def train(self, progress: bool = True, **train_options) -> pd.DataFrame:
+        """Fit decoder, mixtures and representations; returns the per-epoch history.
+
+        ``train_options`` are :class:`~atlasdgd.train.config.TrainConfig` fields (``max_epochs``,
+        ``batch_size``, learning rates, ``hyperprior``, ``init``, ...).
+        """
+        if getattr(self, "data", None) is None:
+            raise AtlasDGDError("this model has no training data attached (it was loaded): create DGD(data, ...) to train")
+        cfg = TrainConfig(**{**self.train_config.to_dict(), **train_options})
+        self.train_config = cfg
+        torch.manual_seed(cfg.seed)
+        data, module = self.data, self.module
+        rows = {s: data.split_rows(s) for s in ("train", "validation", "test")}
+        init = self._initial_representations(cfg)
+        if cfg.init == "pca" and self.model_config.n_components > 1:
+            means = kmeans_means(init[rows["train"], : self.model_config.latent_dim], self.model_config.n_components, cfg.seed)
+            with torch.no_grad():
+                module.basal.means.copy_(torch.from_numpy(means))
+
+        def table(split: str) -> RepresentationTable:
+            return RepresentationTable(torch.from_numpy(init[rows[split]]), cfg.lr_representation, cfg.betas)
+
+        def loader(split: str, shuffle: bool = True) -> InMemoryLoader:
+            return InMemoryLoader(data, rows[split], cfg.batch_size, shuffle=shuffle, seed=cfg.seed)
+
+        tables = {s: table(s) for s in rows}
+        has_val = len(rows["validation"]) > 0
+        trainer = Trainer(module, cfg, tables["train"], tables["validation"] if has_val else None)
+        history = trainer.fit(loader("train"), loader("validation") if has_val else None, progress=progress)
+        module.eval()
+        if len(rows["test"]):
+            fit_representations(module, loader("test"), tables["test"], cfg.heldout_epochs, cfg.representation_steps,
+                                progress=progress, desc="fitting test cells")
+        values = np.zeros((data.n_cells, self.model_config.representation_dim), dtype=np.float32)
+        for s, r in rows.items():
+            values[r] = tables[s].values.numpy()
+        self.history = pd.DataFrame(history)
+        self.cells = self._cells_table(values)
+        self.vocab.component_labels = self._component_labels()
+        return self.history
+
+    def _initial_representations(self, cfg: TrainConfig) -> np.ndarray:
+        """Basal part from PCA (or zeros); covariate parts at their class means."""
+        data, mc = self.data, self.model_config
+        values = np.zeros((data.n_cells, mc.representation_dim), dtype=np.float32)
+        codes = data.covariate_codes()
+        if cfg.init == "pca":
+            groups = np.zeros(data.n_cells, dtype=np.int64)
+            for q in range(codes.shape[1]):
+                groups = groups * (codes[:, q].max() + 1) + codes[:, q]
+            train_mask = (data.obs[SPLIT_KEY] == "train").to_numpy()
+            values[:, : mc.latent_dim] = pca_representations(
+                data.counts, groups, mc.latent_dim, mc.radius, seed=cfg.seed, fit_mask=train_mask
+            )
+        with torch.no_grad():
+            for q, name in enumerate(mc.covariates):
+                block = slice(mc.latent_dim + q * mc.covariate_dim, mc.latent_dim + (q + 1) * mc.covariate_dim)
+                values[:, block] = self.module.covariate_gmms[name].means.numpy()[codes[:, q]]
+        return values
+
+    def _cells_table(self, values: np.ndarray) -> ad.AnnData:
+        data, mc = self.data, self.model_config
+        obs = data.obs.copy()
+        z = torch.from_numpy(values)
+        with torch.no_grad():
+            obs[CLUSTER_KEY] = pd.Categorical(self.module.cluster(z).numpy(), categories=range(mc.n_components))
+        basal, covs = self.module.split_representation(z)
+        obsm = {EMBEDDING_KEY: basal.numpy().copy()}
+        obsm.update({f"{EMBEDDING_KEY}_{k}": v.numpy().copy() for k, v in covs.items()})
+        return ad.AnnData(obs=obs, obsm=obsm)
+
+    def _component_labels(self) -> list[str | None]:
+        """Majority training-cell label of each mixture component (None where it has no labelled cell)."""
+        if not self.vocab.label_key:
+            return []
+        obs = self.cells.obs
+        train = obs[(obs[SPLIT_KEY] == "train") & obs[self.vocab.label_key].notna()]
+        out: list[str | None] = []
+        for k in range(self.model_config.n_components):
+            labels = train.loc[train[CLUSTER_KEY] == k, self.vocab.label_key]
+            out.append(str(labels.value_counts().idxmax()) if len(labels) else None)
+        return out
+
+    # -- results -------------------------------------------------------------------------
+    def _require_trained(self) -> ad.AnnData:
+        if self.cells is None:
+            raise AtlasDGDError("the model is not trained yet: call train() first")
+        return self.cells
+
+    @property
+    def representation(self) -> np.ndarray:
+        """Full representations ``[cells, latent_dim + 2 x covariates]`` in the cells' order."""
+        cells = self._require_trained()
+        parts = [cells.obsm[EMBEDDING_KEY]] + [cells.obsm[f"{EMBEDDING_KEY}_{k}"] for k in self.model_config.covariates]
+        return np.concatenate(parts, axis=1)
+
+    def embed(self) -> ad.AnnData:
+        """An AnnData of the cells (no counts): ``obsm['X_dgd']``, ``obsm['X_dgd_<covariate>']``,
+        ``obs['dgd_cluster']``, ``obs['dgd_split']`` and the label and covariate columns."""
+        return self._require_trained().copy()
+
+    def cluster(self, basal: np.ndarray) -> np.ndarray:
+        """Mixture component of each row of a basal representation."""
+        with torch.no_grad():
+            return self.module.basal.cluster(torch.as_tensor(basal, dtype=torch.float32)).numpy()
+
+    def log_fractions(self, representation: np.ndarray) -> dict[str, np.ndarray]:
+        """Decoded log expression fractions per modality for full representations."""
+        with torch.no_grad():
+            out = self.module.log_fractions(torch.as_tensor(representation, dtype=torch.float32))
+        return {m: v.numpy() for m, v in out.items()}
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        self._require_trained()
+        files = ModelFiles(self.module, self.model_config, self.train_config, self.vocab, self.cells, self.history)
+        return write_model(path, files, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DGD":
+        """Load a saved model; the training data are not needed."""
+        files = read_model(path)
+        model = cls()
+        model.data = None
+        model.module, model.model_config, model.train_config = files.module, files.model_config, files.train_config
+        model.vocab, model.cells, model.history = files.vocab, files.cells, files.history
+        return model

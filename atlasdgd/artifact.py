@@ -1,0 +1,135 @@
+"""The model directory: an explicit, versioned, pickle-free on-disk format.
+
+    MODEL_DIR/
+      atlasdgd.json         manifest: format + version, model and training settings, vocabularies
+                            (feature names per modality, label and covariate classes, the majority
+                            label of each mixture component); written last
+      weights.safetensors   decoder, dispersions, basal and covariate mixtures
+      cells.zarr            AnnData (zarr v3), no X: obs = split, label, covariates, dgd_cluster;
+                            obsm = X_dgd (basal) and X_dgd_<covariate>
+      history.csv           one row per epoch
+      loss_curve.png        the history as a plot
+
+A directory is written to a temporary sibling and renamed into place, so a crash never leaves a
+half-written model where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from atlasdgd.atomic import atomic_directory
+from atlasdgd.errors import ModelFileError
+from atlasdgd.model.config import ModelConfig
+from atlasdgd.model.module import DGDModule
+from atlasdgd.train.config import TrainConfig
+
+FORMAT = "atlasdgd-model"
+FORMAT_VERSION = 1
+MANIFEST, WEIGHTS, CELLS, HISTORY, LOSS_PLOT = "atlasdgd.json", "weights.safetensors", "cells.zarr", "history.csv", "loss_curve.png"
+
+
+@dataclass
+class Vocabulary:
+    """Names that give meaning to the model's indices."""
+
+    features: dict[str, list[str]]
+    label_key: str | None = None
+    labels: list[str] = field(default_factory=list)
+    covariates: dict[str, list[str]] = field(default_factory=dict)
+    component_labels: list[str | None] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ModelFiles:
+    module: DGDModule
+    model_config: ModelConfig
+    train_config: TrainConfig
+    vocab: Vocabulary
+    cells: ad.AnnData
+    history: pd.DataFrame
+
+
+def write_model(path: str | Path, files: ModelFiles, overwrite: bool = False, plot: bool = True) -> Path:
+    from atlasdgd import __version__
+
+    with atomic_directory(path, overwrite) as tmp:
+        state = {k: v.detach().contiguous() for k, v in files.module.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        with ad.settings.override(zarr_write_format=3):
+            files.cells.write_zarr(tmp / CELLS)
+        files.history.to_csv(tmp / HISTORY, index=False)
+        if plot and len(files.history):
+            from atlasdgd.plotting import plot_history
+
+            plot_history(files.history, tmp / LOSS_PLOT)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "atlasdgd_version": __version__,
+            "model": files.model_config.to_dict(),
+            "training": files.train_config.to_dict(),
+            "vocabulary": files.vocab.to_dict(),
+            "n_cells": int(files.cells.n_obs),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return Path(path)
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFileError(f"no model directory at {str(path)!r}: pass the --out folder of 'atlasdgd train'")
+    mf = path / MANIFEST
+    if not mf.exists():
+        raise ModelFileError(f"{str(path)!r} has no {MANIFEST}: it is not a complete atlasdgd model (was training interrupted?)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{str(mf)!r} is not valid JSON ({e}): the model directory is damaged") from e
+    if manifest.get("format") != FORMAT:
+        raise ModelFileError(f"{str(path)!r} is not an atlasdgd model (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{str(path)!r} has model format version {manifest.get('format_version')}, this atlasdgd reads "
+            f"version {FORMAT_VERSION}: use the atlasdgd version that wrote it ({manifest.get('atlasdgd_version')})"
+        )
+    return manifest
+
+
+def read_model(path: str | Path) -> ModelFiles:
+    path = Path(path)
+    manifest = read_manifest(path)
+    model_config = ModelConfig.from_dict(manifest["model"])
+    train_config = TrainConfig.from_dict(manifest["training"])
+    vocab = Vocabulary(**manifest["vocabulary"])
+    module = DGDModule(model_config)
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"cannot read the weights in {str(path / WEIGHTS)!r} ({e}): the file is missing or corrupted") from e
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelFileError(f"the weights in {str(path / WEIGHTS)!r} do not fit the model described in {MANIFEST}: {e}") from e
+    for name, tensor in state.items():
+        if not torch.isfinite(tensor).all():
+            raise ModelFileError(f"weight {name!r} in {str(path / WEIGHTS)!r} has non-finite values: the file is corrupted")
+    try:
+        cells = ad.read_zarr(path / CELLS)
+    except Exception as e:  # zarr raises several types for a damaged store
+        raise ModelFileError(f"cannot read {str(path / CELLS)!r} ({e}): the model directory is damaged") from e
+    history = pd.read_csv(path / HISTORY) if (path / HISTORY).exists() else pd.DataFrame()
+    module.eval()
+    return ModelFiles(module, model_config, train_config, vocab, cells, history)

@@ -1,0 +1,64 @@
+"""CellData: validated counts and cell annotations, the in-memory form of a training set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+SPLIT_KEY = "dgd_split"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class CellData:
+    """Counts per modality (CSR, cells in the same order) and one obs table.
+
+    ``obs`` carries the label column (optional), one categorical column per covariate and the
+    split column ``dgd_split`` (train / validation / test).
+    """
+
+    obs: pd.DataFrame
+    counts: dict[str, sparse.csr_matrix]
+    feature_names: dict[str, pd.Index]
+    observed: dict[str, np.ndarray]
+    label_key: str | None = None
+    covariate_keys: tuple[str, ...] = ()
+
+    @property
+    def n_cells(self) -> int:
+        return self.obs.shape[0]
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.counts)
+
+    @property
+    def obs_names(self) -> pd.Index:
+        return self.obs.index
+
+    def library(self, modality: str) -> np.ndarray:
+        return np.asarray(self.counts[modality].sum(axis=1)).ravel().astype(np.float32)
+
+    def covariate_codes(self) -> np.ndarray:
+        """``[N, Q]`` int64 class codes in ``covariate_keys`` order."""
+        if not self.covariate_keys:
+            return np.zeros((self.n_cells, 0), dtype=np.int64)
+        return np.stack([self.obs[k].cat.codes.to_numpy().astype(np.int64) for k in self.covariate_keys], axis=1)
+
+    def covariate_classes(self) -> dict[str, list[str]]:
+        return {k: [str(c) for c in self.obs[k].cat.categories] for k in self.covariate_keys}
+
+    def label_classes(self) -> list[str]:
+        return [str(c) for c in self.obs[self.label_key].cat.categories] if self.label_key else []
+
+    def label_codes(self) -> np.ndarray:
+        """int64 label codes, -1 where a cell is unlabelled."""
+        if not self.label_key:
+            return np.full(self.n_cells, -1, dtype=np.int64)
+        return self.obs[self.label_key].cat.codes.to_numpy().astype(np.int64)
+
+    def split_rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.obs[SPLIT_KEY].to_numpy() == split)

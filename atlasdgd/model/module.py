@@ -1,0 +1,136 @@
+"""The DGD module: decoder, dispersions and mixtures, and the loss of one minibatch.
+
+Pure torch, no I/O. Representations are not owned here: they live in per-worker tables
+(:mod:`atlasdgd.optim.row_adam`) and are passed in, so the same module serves training,
+validation, mapping and many workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from atlasdgd.model.config import ModelConfig
+from atlasdgd.model.decoder import Decoder
+from atlasdgd.model.gmm import GaussianMixture
+from atlasdgd.model.nb import nb_log_prob_rows
+
+
+@dataclass
+class Batch:
+    """One minibatch as the module consumes it (what every loader must produce)."""
+
+    index: torch.Tensor  # [B] long: rows of the representation table
+    counts: dict[str, torch.Tensor]  # modality -> [B, F_m] float counts
+    library: dict[str, torch.Tensor]  # modality -> [B] total counts
+    covariates: torch.Tensor | None = None  # [B, Q] long class codes, in config.covariates order
+    observed: dict[str, torch.Tensor] | None = None  # modality -> [B] bool; None = all observed
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+@dataclass
+class LossTerms:
+    """Per-cell negative log terms of the objective, each ``[B]``."""
+
+    reconstruction: dict[str, torch.Tensor]
+    basal_prior: torch.Tensor
+    covariate_prior: dict[str, torch.Tensor]
+
+    def reconstruction_total(self) -> torch.Tensor:
+        return torch.stack(list(self.reconstruction.values())).sum(0)
+
+    def per_cell(self) -> torch.Tensor:
+        total = self.reconstruction_total() + self.basal_prior
+        for v in self.covariate_prior.values():
+            total = total + v
+        return total
+
+
+class DGDModule(nn.Module):
+    def __init__(self, config: ModelConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.config = config
+        self.decoder = Decoder(config.representation_dim, config.modalities, config.hidden, config.head_layers)
+        self.log_dispersion = nn.ParameterDict({m: nn.Parameter(torch.zeros(n)) for m, n in config.modalities.items()})
+        self.basal = GaussianMixture(
+            config.n_components,
+            config.latent_dim,
+            radius=config.radius,
+            sharpness=config.sharpness,
+            alpha=config.dirichlet_alpha,
+            sigma0=config.sigma0,
+            generator=generator,
+        )
+        self.covariate_gmms = nn.ModuleDict(
+            {
+                name: GaussianMixture(
+                    n_classes,
+                    config.covariate_dim,
+                    radius=config.covariate_radius,
+                    sharpness=config.covariate_sharpness,
+                    alpha=config.covariate_dirichlet_alpha,
+                    isotropic=True,
+                    generator=generator,
+                )
+                for name, n_classes in config.covariates.items()
+            }
+        )
+
+    # -- parameter groups (each gets its own optimizer) ------------------------------------
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return [*self.decoder.parameters(), *self.log_dispersion.parameters()]
+
+    def basal_parameters(self) -> list[nn.Parameter]:
+        return list(self.basal.parameters())
+
+    def covariate_parameters(self) -> list[nn.Parameter]:
+        return list(self.covariate_gmms.parameters())
+
+    # -- pieces of the model ---------------------------------------------------------------
+    def dispersion(self, modality: str) -> torch.Tensor:
+        return torch.exp(self.log_dispersion[modality]) + self.config.dispersion_floor
+
+    def split_representation(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Full representation ``[B, L + 2Q]`` -> basal ``[B, L]`` and each covariate block ``[B, 2]``."""
+        L, d = self.config.latent_dim, self.config.covariate_dim
+        covs = {name: z[:, L + q * d : L + (q + 1) * d] for q, name in enumerate(self.config.covariates)}
+        return z[:, :L], covs
+
+    def log_fractions(self, z: torch.Tensor, modalities: list[str] | None = None) -> dict[str, torch.Tensor]:
+        return self.decoder(z, modalities)
+
+    def predicted_mean(self, z: torch.Tensor, library: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """mu = s * y for every modality in ``library``."""
+        log_y = self.decoder(z, list(library))
+        return {m: torch.exp(log_y[m]) * library[m][:, None] for m in library}
+
+    def losses(self, batch: Batch, z: torch.Tensor) -> LossTerms:
+        """Per-cell negative log terms for the cells of ``batch`` at representations ``z``."""
+        log_y = self.decoder(z, list(batch.counts))
+        recon = {}
+        for m, x in batch.counts.items():
+            nll = -nb_log_prob_rows(x, log_y[m], batch.library[m], self.dispersion(m))
+            if batch.observed is not None and m in batch.observed:
+                nll = nll * batch.observed[m]
+            recon[m] = nll
+        basal, covs = self.split_representation(z)
+        cov_terms = {}
+        for q, (name, gmm) in enumerate(self.covariate_gmms.items()):
+            scale = gmm.n_components if self.config.covariate_loss_scale == "n_classes" else 1.0
+            cov_terms[name] = -scale * gmm.class_log_prob(covs[name], batch.covariates[:, q])
+        return LossTerms(recon, -self.basal.log_prob(basal), cov_terms)
+
+    def hyperprior_log_prob(self) -> torch.Tensor:
+        """log p(phi) of the basal and all covariate mixtures."""
+        total = self.basal.hyperprior_log_prob()
+        for gmm in self.covariate_gmms.values():
+            total = total + gmm.hyperprior_log_prob()
+        return total
+
+    def cluster(self, z: torch.Tensor) -> torch.Tensor:
+        basal, _ = self.split_representation(z)
+        return self.basal.cluster(basal)

@@ -1,0 +1,80 @@
+"""Per-cell representation tables with a row-local Adam.
+
+The reference DGD steps all representations once per epoch with gradients accumulated over the
+epoch. Each row receives gradient from exactly one minibatch per epoch, so an Adam step applied to
+just that minibatch's rows right after it, with per-row moments and a per-row step count, is the
+same update. Because nothing here is shared between rows, each distributed worker can own the
+rows of its own cells and never communicate them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RepresentationTable:
+    """An ``N x D`` table of trainable per-cell vectors and their Adam state."""
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.5, 0.7),
+        eps: float = 1e-8,
+    ):
+        if values.ndim != 2:
+            raise ValueError(f"a representation table is 2-D (cells x dims), got shape {tuple(values.shape)}")
+        self.values = values.detach().clone().float().contiguous()
+        self.exp_avg = torch.zeros_like(self.values)
+        self.exp_avg_sq = torch.zeros_like(self.values)
+        self.steps = torch.zeros(self.values.shape[0], dtype=torch.int64)
+        self.lr, self.betas, self.eps = lr, betas, eps
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.values.shape[1]
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` as a fresh leaf tensor that collects their gradient."""
+        return self.values[index].clone().requires_grad_(True)
+
+    @torch.no_grad()
+    def step(self, index: torch.Tensor, grad: torch.Tensor) -> None:
+        """One Adam step on rows ``index`` (unique) with gradient ``grad`` ``[len(index), D]``.
+
+        Mirrors ``torch.optim.Adam`` (no weight decay) arithmetic, with the step count per row.
+        """
+        beta1, beta2 = self.betas
+        t = self.steps[index] + 1
+        self.steps[index] = t
+        m = self.exp_avg[index].mul_(beta1).add_(grad, alpha=1 - beta1)
+        v = self.exp_avg_sq[index].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        tf = t.to(self.values.dtype)[:, None]
+        bias1 = 1 - beta1**tf
+        bias2 = 1 - beta2**tf
+        denom = (v.sqrt() / bias2.sqrt()).add_(self.eps)
+        self.values[index] -= (self.lr / bias1) * m / denom
+        self.exp_avg[index] = m
+        self.exp_avg_sq[index] = v
+
+    def reset_state(self, index: torch.Tensor | None = None) -> None:
+        """Forget Adam moments (for all rows, or some): used when rows are re-initialised."""
+        sel = slice(None) if index is None else index
+        self.exp_avg[sel] = 0
+        self.exp_avg_sq[sel] = 0
+        self.steps[sel] = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key in ("values", "exp_avg", "exp_avg_sq", "steps"):
+            if state[key].shape[0] != len(self):
+                raise ValueError(f"table state {key!r} has {state[key].shape[0]} rows, the table has {len(self)}")
+        self.values = state["values"].clone()
+        self.exp_avg = state["exp_avg"].clone()
+        self.exp_avg_sq = state["exp_avg_sq"].clone()
+        self.steps = state["steps"].clone()

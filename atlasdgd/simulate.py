@@ -1,0 +1,201 @@
+"""Synthetic atlases with known truth, generated chunk by chunk.
+
+Cell types are clusters in a true latent space; a random non-linear map (one tanh layer) turns a
+cell's latent position into expression fractions per modality; each batch multiplies every feature
+by its own log-normal factor; library sizes are log-normal; counts are negative-binomial with a
+dispersion per feature. RNA is always simulated; an ATAC-like modality (many features, low counts,
+with peaks near the TSS of some genes sharing those genes' loadings: known gene-to-peak links) and
+a protein-like modality (few features, high counts) are optional.
+
+Everything is a pure function of the seed: global parameters come from one stream, and cells come
+in fixed-size chunks, each from its own stream, so memory does not grow with the number of cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+CHUNK_CELLS = 4096  # fixed: part of what makes output a function of the seed alone
+
+
+@dataclass
+class SimulationConfig:
+    n_cells: int = 5000
+    n_types: int = 8
+    n_batches: int = 3
+    n_genes: int = 2000
+    n_peaks: int = 0
+    n_proteins: int = 0
+    latent_dim: int = 10  # dimension of the true latent space
+    type_spread: float = 1.5  # sd of type centres (cells scatter with sd 1 around them)
+    signal: float = 1.5  # scale of the latent -> log-fraction map
+    batch_effect: float = 0.5  # sd of per-batch log fold changes
+    rna_library: float = 3000.0  # median counts per cell
+    atac_library: float = 400.0
+    protein_library: float = 2000.0
+    library_sd: float = 0.4  # sd of log library size
+    n_linked_genes: int = 20  # genes with linked peaks (ATAC only)
+    peaks_per_linked_gene: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("n_cells", "n_types", "n_batches", "n_genes", "latent_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_peaks < 0 or self.n_proteins < 0:
+            raise ValueError("n_peaks and n_proteins must be >= 0")
+        if self.n_peaks and self.n_linked_genes * self.peaks_per_linked_gene > self.n_peaks:
+            raise ValueError("n_linked_genes * peaks_per_linked_gene must not exceed n_peaks")
+        if self.n_linked_genes > self.n_genes:
+            raise ValueError("n_linked_genes must not exceed n_genes")
+
+    @property
+    def modalities(self) -> list[str]:
+        return ["rna"] + (["atac"] if self.n_peaks else []) + (["protein"] if self.n_proteins else [])
+
+
+_HIDDEN = 64
+_CHROMS = [f"chr{i}" for i in range(1, 6)]
+
+
+@dataclass
+class _Truth:
+    """Global parameters of a simulation (drawn once from the seed)."""
+
+    type_centres: np.ndarray
+    type_probs: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    loadings: dict[str, np.ndarray]
+    base: dict[str, np.ndarray]
+    batch_shift: dict[str, np.ndarray]
+    dispersion: dict[str, np.ndarray]
+    var: dict[str, pd.DataFrame]
+
+
+def _truth(cfg: SimulationConfig) -> _Truth:
+    rng = np.random.default_rng([cfg.seed, 0])
+    d = cfg.latent_dim
+    centres = rng.normal(0.0, cfg.type_spread, (cfg.n_types, d))
+    probs = rng.dirichlet(np.full(cfg.n_types, 3.0))
+    a = rng.normal(0.0, 1.0 / np.sqrt(d), (d, _HIDDEN))
+    b = rng.normal(0.0, 0.5, _HIDDEN)
+    sizes = {"rna": cfg.n_genes, "atac": cfg.n_peaks, "protein": cfg.n_proteins}
+    base_sd = {"rna": 1.0, "atac": 0.5, "protein": 1.0}
+    signal = {"rna": cfg.signal, "atac": cfg.signal, "protein": 1.5 * cfg.signal}
+    batch_sd = {"rna": cfg.batch_effect, "atac": 0.5 * cfg.batch_effect, "protein": 0.5 * cfg.batch_effect}
+    disp = {"rna": (np.log(2.0), 0.5), "atac": (np.log(1.0), 0.3), "protein": (np.log(10.0), 0.3)}
+    loadings, base, shift, dispersion, var = {}, {}, {}, {}, {}
+    for m in cfg.modalities:
+        f = sizes[m]
+        loadings[m] = rng.normal(0.0, signal[m] / np.sqrt(_HIDDEN), (_HIDDEN, f))
+        base[m] = rng.normal(0.0, base_sd[m], f)
+        shift[m] = rng.normal(0.0, batch_sd[m], (cfg.n_batches, f))
+        dispersion[m] = np.exp(rng.normal(*disp[m], f))
+
+    genes = pd.DataFrame(
+        {"chrom": rng.choice(_CHROMS, cfg.n_genes), "tss": rng.integers(1_000_000, 100_000_000, cfg.n_genes)},
+        index=[f"gene_{i:05d}" for i in range(cfg.n_genes)],
+    )
+    genes["linked_peaks"] = 0
+    var["rna"] = genes
+    if cfg.n_peaks:
+        linked_gene = np.full(cfg.n_peaks, "", dtype=object)
+        chrom = rng.choice(_CHROMS, cfg.n_peaks).astype(object)
+        start = rng.integers(1_000_000, 100_000_000, cfg.n_peaks)
+        gene_idx = rng.choice(cfg.n_genes, cfg.n_linked_genes, replace=False)
+        peak_idx = rng.choice(cfg.n_peaks, cfg.n_linked_genes * cfg.peaks_per_linked_gene, replace=False)
+        for k, g in enumerate(gene_idx):
+            peaks = peak_idx[k * cfg.peaks_per_linked_gene : (k + 1) * cfg.peaks_per_linked_gene]
+            # a linked peak follows its gene's program, so gene and peaks co-vary across cells
+            loadings["atac"][:, peaks] = loadings["rna"][:, [g]] + rng.normal(0, 0.1 * signal["atac"] / np.sqrt(_HIDDEN), (_HIDDEN, len(peaks)))
+            linked_gene[peaks] = genes.index[g]
+            chrom[peaks] = genes["chrom"].iloc[g]
+            start[peaks] = genes["tss"].iloc[g] + rng.integers(-50_000, 50_000, len(peaks))
+            genes.iloc[g, genes.columns.get_loc("linked_peaks")] = len(peaks)
+        end = start + 500
+        var["atac"] = pd.DataFrame(
+            {"chrom": chrom, "start": start, "end": end, "linked_gene": linked_gene},
+            index=[f"{c}:{s}-{e}" for c, s, e in zip(chrom, start, end)],
+        )
+        if var["atac"].index.duplicated().any():  # vanishingly rare; keep names unique
+            var["atac"].index = [f"{n}_{i}" for i, n in enumerate(var["atac"].index)]
+    if cfg.n_proteins:
+        var["protein"] = pd.DataFrame(index=[f"protein_{i:03d}" for i in range(cfg.n_proteins)])
+    return _Truth(centres, probs, a, b, loadings, base, shift, dispersion, var)
+
+
+def _nb_sample(rng: np.random.Generator, mu: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Negative-binomial draws as a gamma-Poisson mixture."""
+    return rng.poisson(rng.gamma(shape=r, scale=mu / r))
+
+
+def _library_median(cfg: SimulationConfig, m: str) -> float:
+    return {"rna": cfg.rna_library, "atac": cfg.atac_library, "protein": cfg.protein_library}[m]
+
+
+def iter_chunks(cfg: SimulationConfig, truth: _Truth | None = None) -> Iterator[tuple[pd.DataFrame, dict[str, sparse.csr_matrix], np.ndarray]]:
+    """Yield (obs, counts per modality, true latent) for consecutive chunks of cells."""
+    truth = truth or _truth(cfg)
+    for chunk, start in enumerate(range(0, cfg.n_cells, CHUNK_CELLS)):
+        n = min(CHUNK_CELLS, cfg.n_cells - start)
+        rng = np.random.default_rng([cfg.seed, 1, chunk])
+        types = rng.choice(cfg.n_types, n, p=truth.type_probs)
+        batches = rng.integers(0, cfg.n_batches, n)
+        z = truth.type_centres[types] + rng.normal(0.0, 1.0, (n, cfg.latent_dim))
+        h = np.tanh(z @ truth.a + truth.b)
+        counts = {}
+        for m in cfg.modalities:
+            logits = truth.base[m] + h @ truth.loadings[m] + truth.batch_shift[m][batches]
+            logits -= logits.max(axis=1, keepdims=True)
+            frac = np.exp(logits)
+            frac /= frac.sum(axis=1, keepdims=True)
+            lib = np.exp(rng.normal(np.log(_library_median(cfg, m)), cfg.library_sd, n))
+            x = _nb_sample(rng, frac * lib[:, None], truth.dispersion[m][None, :])
+            counts[m] = sparse.csr_matrix(x.astype(np.float32))
+        obs = pd.DataFrame(
+            {
+                "cell_type": pd.Categorical([f"type_{t}" for t in types], categories=[f"type_{t}" for t in range(cfg.n_types)]),
+                "batch": pd.Categorical([f"batch_{b}" for b in batches], categories=[f"batch_{b}" for b in range(cfg.n_batches)]),
+            },
+            index=[f"cell_{start + i:08d}" for i in range(n)],
+        )
+        yield obs, counts, z.astype(np.float32)
+
+
+def simulate(cfg: SimulationConfig | None = None, **kwargs):
+    """Simulate in memory: AnnData for RNA only, MuData when ATAC or protein is requested.
+
+    ``obs`` has ``cell_type`` and ``batch``; ``obsm['true_latent']`` the true position; the ATAC
+    ``var`` has coordinates and ``linked_gene``; ``uns['simulation']`` the settings as JSON.
+    """
+    import anndata as ad
+
+    cfg = cfg or SimulationConfig(**kwargs)
+    truth = _truth(cfg)
+    parts = list(iter_chunks(cfg, truth))
+    obs = pd.concat([p[0] for p in parts])
+    latent = np.concatenate([p[2] for p in parts])
+    mods = {}
+    for m in cfg.modalities:
+        x = sparse.vstack([p[1][m] for p in parts], format="csr")
+        mods[m] = ad.AnnData(X=x, obs=obs.copy(), var=truth.var[m].copy(), obsm={"true_latent": latent})
+    uns = {"simulation": json.dumps(dataclasses.asdict(cfg))}
+    if len(mods) == 1:
+        out = mods["rna"]
+        out.uns.update(uns)
+        return out
+    import mudata
+
+    md = mudata.MuData(mods)
+    md.obs = obs.copy()
+    md.obsm["true_latent"] = latent
+    md.uns.update(uns)
+    return md

@@ -1,0 +1,51 @@
+"""Training settings as one JSON-serialisable record."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. Defaults follow docs/dgd-model.md except where measurement said
+    otherwise (see README, "Defaults and why")."""
+
+    max_epochs: int = 1000
+    min_epochs: int = 50
+    patience: int = 10
+    batch_size: int = 128
+    lr_decoder: float = 1e-4
+    lr_representation: float = 1e-2
+    lr_basal_gmm: float = 1e-2
+    lr_covariate_gmm: float = 1e-3
+    betas: tuple[float, float] = (0.5, 0.7)
+    weight_decay: float = 1e-4  # decoupled (AdamW), decoder only
+    hyperprior: str = "dataset"  # "dataset": log p(phi) once per epoch; "cell": once per cell (reference)
+    l1: float = 0.0  # L1 penalty on decoder weights per minibatch (reference: 1.0)
+    init: str = "pca"  # "pca": batch-centred PCA of log-normalised counts; "zero": the reference
+    representation_steps: int = 1  # representation Adam steps per minibatch visit
+    heldout_epochs: int = 50  # epochs to fit test-cell representations after training
+    seed: int = 0
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.hyperprior not in ("dataset", "cell"):
+            raise ValueError("hyperprior must be 'dataset' or 'cell'")
+        if self.init not in ("pca", "zero"):
+            raise ValueError("init must be 'pca' or 'zero'")
+        for name in ("max_epochs", "batch_size", "representation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_epochs < 0 or self.patience < 1:
+            raise ValueError("min_epochs must be >= 0 and patience >= 1")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

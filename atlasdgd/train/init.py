@@ -1,0 +1,99 @@
+"""Initial representations and mixture means.
+
+The reference starts every representation at zero. With one representation step per cell per
+epoch (Adam moves a row by about one learning rate per step) the cells need hundreds of epochs
+to spread out, and the mixture collapses meanwhile. Starting from a batch-centred PCA of the
+log-normalised counts puts cells near where they belong from the first epoch; mixture means then
+start from k-means on those positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+from scipy.sparse.linalg import LinearOperator, svds
+from sklearn.cluster import KMeans
+
+
+def _log_normalise(x: sparse.csr_matrix) -> sparse.csr_matrix:
+    lib = np.asarray(x.sum(axis=1)).ravel()
+    target = float(np.median(lib[lib > 0])) if (lib > 0).any() else 1.0
+    scale = np.divide(target, lib, out=np.zeros_like(lib, dtype=np.float64), where=lib > 0)
+    y = sparse.csr_matrix(sparse.diags(scale) @ x, dtype=np.float64)
+    y.data = np.log1p(y.data)
+    return y
+
+
+def _column_moments(y: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    mean = np.asarray(y.mean(axis=0)).ravel()
+    sq = np.asarray(y.multiply(y).mean(axis=0)).ravel()
+    return mean, np.maximum(sq - mean**2, 0.0)
+
+
+def pca_representations(
+    counts: dict[str, sparse.csr_matrix],
+    groups: np.ndarray,
+    dim: int,
+    radius: float,
+    seed: int = 0,
+    fit_mask: np.ndarray | None = None,
+    max_fit_cells: int = 20_000,
+) -> np.ndarray:
+    """``[N, dim]`` initial representations from PCA of log-normalised counts.
+
+    Each modality is log-normalised and weighted so that all modalities carry equal total variance;
+    each batch group (the joint covariate classes) is centred separately so batch offsets do not
+    become principal axes; the PCA and the centring are fitted on at most ``max_fit_cells`` cells
+    (of those in ``fit_mask``: training cells, so held-out cells do not shape it) and every cell is
+    projected. Scores are scaled by one factor so the mean norm is radius / 2.
+    """
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for x in counts.values():
+        y = _log_normalise(x)
+        _, var = _column_moments(y)
+        total = var.sum()
+        blocks.append(y * (1.0 / np.sqrt(total)) if total > 0 else y)
+    y = sparse.hstack(blocks, format="csr")
+    n, f = y.shape
+    _, group_codes = np.unique(groups, return_inverse=True)
+    n_groups = group_codes.max() + 1
+    onehot = sparse.csr_matrix((np.ones(n), (np.arange(n), group_codes)), shape=(n, n_groups))
+    fit_pool = np.arange(n) if fit_mask is None else np.flatnonzero(fit_mask)
+    fit_onehot = onehot[fit_pool]
+    counts_per_group = np.maximum(np.asarray(fit_onehot.sum(axis=0)).ravel(), 1)
+    group_means = np.asarray((fit_onehot.T @ y[fit_pool]).todense()) / counts_per_group[:, None]
+
+    fit_rows = np.sort(rng.choice(fit_pool, size=min(len(fit_pool), max_fit_cells), replace=False))
+    yf, gf = y[fit_rows], group_codes[fit_rows]
+    op = LinearOperator(
+        (len(fit_rows), f),
+        matvec=lambda v: yf @ v - group_means[gf] @ v,
+        rmatvec=lambda u: yf.T @ u - group_means.T @ np.bincount(gf, weights=u, minlength=n_groups),
+        matmat=lambda v: yf @ v - group_means[gf] @ v,
+        rmatmat=lambda u: yf.T @ u - group_means.T @ (sparse.csr_matrix(
+            (np.ones(len(gf)), (gf, np.arange(len(gf)))), shape=(n_groups, len(gf))) @ u),
+        dtype=np.float64,
+    )
+    k = min(dim, min(op.shape) - 1)
+    if k < 1:
+        return np.zeros((n, dim), dtype=np.float32)
+    _, s, vt = svds(op, k=k, v0=rng.standard_normal(min(op.shape)), random_state=seed)
+    order = np.argsort(s)[::-1]
+    v = vt[order].T
+    scores = y @ v - (group_means @ v)[group_codes]
+    z = np.zeros((n, dim))
+    z[:, :k] = scores
+    mean_norm = np.linalg.norm(z, axis=1).mean()
+    if mean_norm > 0:
+        z *= 0.5 * radius / mean_norm
+    return z.astype(np.float32)
+
+
+def kmeans_means(z: np.ndarray, k: int, seed: int = 0, max_cells: int = 50_000) -> np.ndarray:
+    """Cluster centres of ``z`` (on a subsample) to start the mixture means from."""
+    rng = np.random.default_rng(seed)
+    sub = z if len(z) <= max_cells else z[rng.choice(len(z), max_cells, replace=False)]
+    if len(sub) < k:
+        raise ValueError(f"cannot start {k} mixture components from {len(sub)} cells")
+    return KMeans(n_clusters=k, n_init=3, random_state=seed).fit(sub).cluster_centers_.astype(np.float32)

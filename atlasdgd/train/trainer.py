@@ -1,0 +1,212 @@
+"""The training loop of one worker (a single process is a world of size one).
+
+A minibatch: loader -> Batch -> representation rows of its cells -> decoder -> losses ->
+gradients -> synced step for the dense parameters and a row-local step for the rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+from atlasdgd.model.module import Batch, DGDModule
+from atlasdgd.optim.row_adam import RepresentationTable
+from atlasdgd.train.config import TrainConfig
+from atlasdgd.train.early_stopping import EarlyStopping
+
+
+class EpochStats:
+    """Running sums over an epoch, reported per cell and per feature."""
+
+    def __init__(self, n_features: dict[str, int]):
+        self.n_features = n_features
+        self.cells = 0
+        self.objective = 0.0
+        self.recon = {m: 0.0 for m in n_features}
+        self.recon_cells = {m: 0 for m in n_features}
+
+    def add(self, batch: Batch, terms, objective_sum: float) -> None:
+        self.cells += len(batch)
+        self.objective += objective_sum
+        for m, v in terms.reconstruction.items():
+            self.recon[m] += float(v.sum())
+            self.recon_cells[m] += len(batch) if batch.observed is None else int(batch.observed[m].sum())
+
+    def recon_per_feature(self, m: str) -> float:
+        return self.recon[m] / max(1, self.recon_cells[m] * self.n_features[m])
+
+    def summary(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}_loss": self.objective / max(1, self.cells)}
+        total_nll = sum(self.recon.values())
+        total_entries = sum(self.recon_cells[m] * self.n_features[m] for m in self.recon)
+        out[f"{prefix}_recon"] = total_nll / max(1, total_entries)
+        for m in self.recon:
+            out[f"{prefix}_recon_{m}"] = self.recon_per_feature(m)
+        return out
+
+
+def representation_step(
+    module: DGDModule, batch: Batch, table: RepresentationTable, steps: int = 1
+):
+    """Optimise only the rows of ``batch`` (decoder and mixtures frozen); returns the first loss terms."""
+    first = None
+    for _ in range(steps):
+        z = table.gather(batch.index)
+        terms = module.losses(batch, z)
+        (grad,) = torch.autograd.grad(terms.per_cell().sum() / len(batch), z)
+        table.step(batch.index, grad)
+        first = first or terms
+    return first
+
+
+class Trainer:
+    """Owns the optimisers of the dense parameters and the representation tables of one worker."""
+
+    def __init__(
+        self,
+        module: DGDModule,
+        config: TrainConfig,
+        train_table: RepresentationTable,
+        val_table: RepresentationTable | None = None,
+        n_train_total: int | None = None,
+        sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    ):
+        self.module, self.config = module, config
+        self.train_table, self.val_table = train_table, val_table
+        self.n_train_total = n_train_total or len(train_table)
+        self.sync_gradients = sync_gradients
+        betas = config.betas
+        self.optimizers = [
+            torch.optim.AdamW(module.decoder_parameters(), lr=config.lr_decoder, betas=betas,
+                              weight_decay=config.weight_decay),
+            torch.optim.Adam(module.basal_parameters(), lr=config.lr_basal_gmm, betas=betas),
+        ]
+        if module.covariate_gmms:
+            self.optimizers.append(torch.optim.Adam(module.covariate_parameters(), lr=config.lr_covariate_gmm, betas=betas))
+        self.n_features = dict(module.config.modalities)
+        self.dense_params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+
+    @property
+    def hyperprior_weight(self) -> float:
+        """Weight of -log p(phi) in a minibatch's per-cell mean loss."""
+        return 1.0 / self.n_train_total if self.config.hyperprior == "dataset" else 1.0
+
+    def train_step(self, batch: Batch):
+        z = self.train_table.gather(batch.index)
+        terms = self.module.losses(batch, z)
+        per_cell = terms.per_cell()
+        loss = per_cell.sum() / len(batch) - self.hyperprior_weight * self.module.hyperprior_log_prob()
+        if self.config.l1 > 0:
+            loss = loss + self.config.l1 * sum(p.abs().sum() for n, p in self.module.decoder.named_parameters() if "weight" in n)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.sync_gradients is not None:
+            self.sync_gradients(self.dense_params)
+        for opt in self.optimizers:
+            opt.step()
+        self.train_table.step(batch.index, z.grad)
+        if self.config.representation_steps > 1:
+            representation_step(self.module, batch, self.train_table, self.config.representation_steps - 1)
+        return terms, float(per_cell.sum())
+
+    def train_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
+        self.module.train()
+        stats = EpochStats(self.n_features)
+        for batch in loader:
+            terms, obj = self.train_step(batch)
+            stats.add(batch, terms, obj)
+        return stats.summary("train")
+
+    def validation_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
+        """One representation step for every validation cell; reports the loss before the step."""
+        stats = EpochStats(self.n_features)
+        for batch in loader:
+            terms = representation_step(self.module, batch, self.val_table, self.config.representation_steps)
+            stats.add(batch, terms, float(terms.per_cell().sum()))
+        return stats.summary("val")
+
+    def state(self) -> dict:
+        """What early stopping keeps: dense weights and the representation values."""
+        return {
+            "module": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
+            "train": self.train_table.values.clone(),
+            "val": None if self.val_table is None else self.val_table.values.clone(),
+        }
+
+    def restore(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.train_table.values = state["train"].clone()
+        if self.val_table is not None and state["val"] is not None:
+            self.val_table.values = state["val"].clone()
+
+    def fit(
+        self,
+        train_loader,
+        val_loader=None,
+        progress: bool = True,
+        on_epoch: Callable[[dict], None] | None = None,
+    ) -> list[dict]:
+        """Train until early stopping (needs validation cells) or ``max_epochs``; keep the best state."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        stopper = EarlyStopping(cfg.min_epochs, cfg.patience) if val_loader is not None else None
+        history: list[dict] = []
+        bar = tqdm(range(cfg.max_epochs), desc="training", unit="epoch", disable=not progress, dynamic_ncols=True)
+        for epoch in bar:
+            t0 = time.perf_counter()
+            for loader in (train_loader, val_loader):
+                if loader is not None and hasattr(loader, "set_epoch"):
+                    loader.set_epoch(epoch)
+            row = {"epoch": epoch, **self.train_epoch(train_loader)}
+            if val_loader is not None:
+                row.update(self.validation_epoch(val_loader))
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+            if on_epoch is not None:
+                on_epoch(row)
+            post = {"loss": f"{row['train_loss']:.4g}", "recon": f"{row['train_recon']:.4f}"}
+            if "val_recon" in row:
+                post["val_recon"] = f"{row['val_recon']:.4f}"
+            bar.set_postfix(post)
+            if not math.isfinite(row["train_loss"]):
+                raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}: lower the learning rates")
+            if stopper is not None:
+                if stopper.update(epoch, row["val_recon"]):
+                    stopper.keep(self.state())
+                if stopper.should_stop(epoch):
+                    break
+        bar.close()
+        if stopper is not None and stopper.snapshot is not None:
+            self.restore(stopper.snapshot)
+            for row in history:
+                row["best"] = row["epoch"] == stopper.best_epoch
+        return history
+
+
+def fit_representations(
+    module: DGDModule,
+    loader,
+    table: RepresentationTable,
+    epochs: int,
+    steps: int = 1,
+    progress: bool = False,
+    desc: str = "fitting representations",
+) -> list[float]:
+    """Representation-only epochs (decoder and mixtures frozen); returns reconstruction NLL per feature per epoch."""
+    from tqdm.auto import tqdm
+
+    n_features = dict(module.config.modalities)
+    curve = []
+    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        stats = EpochStats(n_features)
+        for batch in loader:
+            stats.add(batch, representation_step(module, batch, table, steps), 0.0)
+        curve.append(stats.summary("fit")["fit_recon"])
+    return curve
