@@ -22,6 +22,7 @@ from atlasdgd.data.adapters import prepare
 from atlasdgd.data.cells import SPLIT_KEY, CellData
 from atlasdgd.data.loader import InMemoryLoader
 from atlasdgd.errors import AtlasDGDError
+from atlasdgd.infer.candidates import candidate_search
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import DGDModule
 from atlasdgd.optim.row_adam import RepresentationTable
@@ -134,6 +135,7 @@ class DGD:
         history = trainer.fit(loader("train"), loader("validation") if has_val else None, progress=progress)
         module.eval()
         if len(rows["test"]):
+            tables["test"].values = candidate_search(module, loader("test", shuffle=False), len(rows["test"]))
             fit_representations(module, loader("test"), tables["test"], cfg.heldout_epochs, cfg.representation_steps,
                                 progress=progress, desc="fitting test cells")
         values = np.zeros((data.n_cells, self.model_config.representation_dim), dtype=np.float32)

@@ -34,7 +34,7 @@ class SimulationConfig:
     n_peaks: int = 0
     n_proteins: int = 0
     latent_dim: int = 10  # dimension of the true latent space
-    type_spread: float = 1.5  # sd of type centres (cells scatter with sd 1 around them)
+    type_spread: float = 2.5  # sd of type centres (cells scatter with sd 1 around them)
     signal: float = 1.5  # scale of the latent -> log-fraction map
     batch_effect: float = 0.5  # sd of per-batch log fold changes
     rna_library: float = 3000.0  # median counts per cell
@@ -89,7 +89,7 @@ def _truth(cfg: SimulationConfig) -> _Truth:
     b = rng.normal(0.0, 0.5, _HIDDEN)
     sizes = {"rna": cfg.n_genes, "atac": cfg.n_peaks, "protein": cfg.n_proteins}
     base_sd = {"rna": 1.0, "atac": 0.5, "protein": 1.0}
-    signal = {"rna": cfg.signal, "atac": cfg.signal, "protein": 1.5 * cfg.signal}
+    signal = {"rna": cfg.signal, "atac": 0.7 * cfg.signal, "protein": 1.5 * cfg.signal}
     batch_sd = {"rna": cfg.batch_effect, "atac": 0.5 * cfg.batch_effect, "protein": 0.5 * cfg.batch_effect}
     disp = {"rna": (np.log(2.0), 0.5), "atac": (np.log(1.0), 0.3), "protein": (np.log(10.0), 0.3)}
     loadings, base, shift, dispersion, var = {}, {}, {}, {}, {}
@@ -199,3 +199,80 @@ def simulate(cfg: SimulationConfig | None = None, **kwargs):
     md.obsm["true_latent"] = latent
     md.uns.update(uns)
     return md
+
+
+def _write_anndata_group(group, x_chunks, obs: pd.DataFrame, var: pd.DataFrame, obsm: dict, uns: dict) -> None:
+    from anndata.io import write_elem
+
+    write_elem(group, "obs", obs)
+    write_elem(group, "var", var)
+    write_elem(group, "obsm", obsm)
+    for key in ("varm", "obsp", "varp", "layers"):
+        write_elem(group, key, {})
+    write_elem(group, "uns", uns)
+    group.attrs["encoding-type"] = "anndata"
+    group.attrs["encoding-version"] = "0.1.0"
+
+
+def write_simulation(cfg: SimulationConfig, path: str, overwrite: bool = False, progress: bool = True) -> str:
+    """Simulate straight to an .h5ad (RNA only) or .h5mu file, one chunk of cells at a time.
+
+    Counts are appended chunk by chunk, so memory stays at one chunk of counts plus the obs table.
+    The file appears only when complete (written to a temporary name, then renamed).
+    """
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
+    from tqdm.auto import tqdm
+
+    from atlasdgd.atomic import atomic_file
+
+    multi = len(cfg.modalities) > 1
+    if multi and not str(path).endswith(".h5mu"):
+        raise ValueError(f"{cfg.modalities} is multi-modal: write it to a path ending in .h5mu")
+    if not multi and not str(path).endswith((".h5ad", ".h5mu")):
+        raise ValueError("write the simulation to a path ending in .h5ad (or .h5mu)")
+    as_mudata = str(path).endswith(".h5mu")
+    truth = _truth(cfg)
+    uns = {"simulation": json.dumps(dataclasses.asdict(cfg))}
+    n_chunks = -(-cfg.n_cells // CHUNK_CELLS)
+    with atomic_file(path, overwrite) as tmp:
+        with h5py.File(tmp, "w", userblock_size=512 if as_mudata else 0) as f:
+            groups = {m: (f.require_group(f"mod/{m}") if as_mudata else f) for m in cfg.modalities}
+            obs_parts, latent_parts = [], []
+            chunks = iter_chunks(cfg, truth)
+            for i, (obs, counts, z) in enumerate(tqdm(chunks, total=n_chunks, desc="simulating", unit="chunk", disable=not progress)):
+                for m, x in counts.items():
+                    if i == 0:
+                        write_elem(groups[m], "X", x)
+                    else:
+                        sparse_dataset(groups[m]["X"]).append(x)
+                obs_parts.append(obs)
+                latent_parts.append(z)
+            obs = pd.concat(obs_parts)
+            obsm = {"true_latent": np.concatenate(latent_parts)}
+            for m in cfg.modalities:
+                _write_anndata_group(groups[m], None, obs, truth.var[m], obsm, uns if not as_mudata else {})
+            if as_mudata:
+                n = len(obs)
+                var_names = np.concatenate([truth.var[m].index.to_numpy() for m in cfg.modalities])
+                write_elem(f, "obs", obs)
+                write_elem(f, "var", pd.DataFrame(index=pd.Index(var_names.astype(str))))
+                write_elem(f, "obsm", obsm)
+                for key in ("varm", "obsp", "varp"):
+                    write_elem(f, key, {})
+                write_elem(f, "uns", uns)
+                write_elem(f, "obsmap", {m: np.arange(1, n + 1) for m in cfg.modalities})
+                varmap, offset = {}, 0
+                for m in cfg.modalities:
+                    vm = np.zeros(len(var_names), dtype=np.int64)
+                    size = len(truth.var[m])
+                    vm[offset : offset + size] = np.arange(1, size + 1)
+                    varmap[m], offset = vm, offset + size
+                write_elem(f, "varmap", varmap)
+                f["mod"].attrs["mod-order"] = cfg.modalities
+                f.attrs.update({"axis": 0, "encoding-type": "MuData", "encoding-version": "0.1.0"})
+        if as_mudata:
+            with open(tmp, "r+b") as fh:
+                header = b"MuData (format-version=0.1.0;creator=atlasdgd)"
+                fh.write(header + b"\0" * (512 - len(header)))
+    return str(path)

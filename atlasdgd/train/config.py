@@ -25,7 +25,7 @@ class TrainConfig:
     l1: float = 0.0  # L1 penalty on decoder weights per minibatch (reference: 1.0)
     init: str = "pca"  # "pca": batch-centred PCA of log-normalised counts; "zero": the reference
     representation_steps: int = 1  # representation Adam steps per minibatch visit
-    heldout_epochs: int = 50  # epochs to fit test-cell representations after training
+    heldout_epochs: int = 20  # refinement epochs for test-cell representations after training
     seed: int = 0
 
     def __post_init__(self):

@@ -1,0 +1,62 @@
+"""Metrics of clustering and batch mixing (scikit-learn underneath)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.metrics import silhouette_samples
+
+
+def batch_mixing(z: np.ndarray, batch: np.ndarray, labels: np.ndarray | None = None, max_cells: int = 20_000, seed: int = 0) -> float:
+    """Batch removal score: mean of 1 - |silhouette of batch labels| (scIB's batch ASW).
+
+    Within each cell-type label when ``labels`` are given (so biology is not counted as batch);
+    1 means batches are perfectly mixed, 0 that they are separated.
+    """
+    rng = np.random.default_rng(seed)
+    idx = np.arange(len(z)) if len(z) <= max_cells else rng.choice(len(z), max_cells, replace=False)
+    z, batch = z[idx], np.asarray(batch)[idx]
+    groups = np.zeros(len(z)) if labels is None else np.asarray(labels)[idx]
+    scores = []
+    for g in np.unique(groups):
+        sel = groups == g
+        if sel.sum() < 3 or len(np.unique(batch[sel])) < 2:
+            continue
+        s = silhouette_samples(z[sel], batch[sel])
+        scores.append(np.mean(1 - np.abs(s)))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def log_normalised_pca(x, n_components: int = 50, seed: int = 0) -> np.ndarray:
+    """PCA of log1p(counts scaled to the median library size): the standard baseline embedding."""
+    from scipy import sparse
+
+    lib = np.asarray(x.sum(axis=1)).ravel()
+    y = sparse.csr_matrix(sparse.diags(np.median(lib) / np.maximum(lib, 1)) @ x)
+    y.data = np.log1p(y.data)
+    k = min(n_components, min(y.shape) - 1)
+    return PCA(n_components=k, random_state=seed).fit_transform(y.toarray() if y.shape[1] <= 5000 else y)
+
+
+def kmeans_clusters(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
+
+
+def leiden_clusters(x: np.ndarray, k: int, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """Leiden on a kNN graph of ``x`` with the resolution bisected to give ``k`` clusters (needs scanpy)."""
+    import anndata as ad
+    import scanpy as sc
+
+    a = ad.AnnData(obsm={"X_emb": np.asarray(x, dtype=np.float32)}, obs={"i": np.arange(len(x))})
+    sc.pp.neighbors(a, use_rep="X_emb", n_neighbors=n_neighbors, random_state=seed)
+    lo, hi, best = 0.01, 5.0, None
+    for _ in range(30):
+        res = (lo + hi) / 2
+        sc.tl.leiden(a, resolution=res, random_state=seed, flavor="igraph", n_iterations=2, key_added="leiden")
+        n = a.obs["leiden"].nunique()
+        best = a.obs["leiden"].to_numpy()
+        if n == k:
+            break
+        lo, hi = (res, hi) if n < k else (lo, res)
+    return best
