@@ -27,7 +27,7 @@ from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import DGDModule
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.train.config import TrainConfig
-from atlasdgd.train.init import kmeans_means, pca_representations
+from atlasdgd.train.init import mixture_start, pca_representations
 from atlasdgd.train.trainer import Trainer, fit_representations
 
 EMBEDDING_KEY = "X_dgd"
@@ -104,10 +104,10 @@ class DGD:
         self.module = DGDModule(self.model_config, generator=torch.Generator().manual_seed(seed))
 
     # -- training ------------------------------------------------------------------------
-    def train(self, progress: bool = True, **train_options) -> pd.DataFrame:
+    def train(self, progress: bool = True, on_epoch=None, **train_options) -> pd.DataFrame:
         """Fit decoder, mixtures and representations; returns the per-epoch history.
 
-        ``train_options`` are :class:`~atlasdgd.train.config.TrainConfig` fields (``max_epochs``,
+        ``on_epoch`` is called with each epoch's history row (for logging). ``train_options`` are :class:`~atlasdgd.train.config.TrainConfig` fields (``max_epochs``,
         ``batch_size``, learning rates, ``hyperprior``, ``init``, ...).
         """
         if getattr(self, "data", None) is None:
@@ -118,10 +118,8 @@ class DGD:
         data, module = self.data, self.module
         rows = {s: data.split_rows(s) for s in ("train", "validation", "test")}
         init = self._initial_representations(cfg)
-        if cfg.init == "pca" and self.model_config.n_components > 1:
-            means = kmeans_means(init[rows["train"], : self.model_config.latent_dim], self.model_config.n_components, cfg.seed)
-            with torch.no_grad():
-                module.basal.means.copy_(torch.from_numpy(means))
+        if cfg.init == "pca":
+            self._start_mixture(init[rows["train"], : self.model_config.latent_dim], rows["train"], cfg)
 
         def table(split: str) -> RepresentationTable:
             return RepresentationTable(torch.from_numpy(init[rows[split]]), cfg.lr_representation, cfg.betas)
@@ -132,7 +130,7 @@ class DGD:
         tables = {s: table(s) for s in rows}
         has_val = len(rows["validation"]) > 0
         trainer = Trainer(module, cfg, tables["train"], tables["validation"] if has_val else None)
-        history = trainer.fit(loader("train"), loader("validation") if has_val else None, progress=progress)
+        history = trainer.fit(loader("train"), loader("validation") if has_val else None, progress=progress, on_epoch=on_epoch)
         module.eval()
         if len(rows["test"]):
             tables["test"].values = candidate_search(module, loader("test", shuffle=False), len(rows["test"]))
@@ -145,6 +143,19 @@ class DGD:
         self.cells = self._cells_table(values)
         self.vocab.component_labels = self._component_labels()
         return self.history
+
+    def _start_mixture(self, z: np.ndarray, train_rows: np.ndarray, cfg: TrainConfig) -> None:
+        """Basal mixture means, variances and weights from a partition of the start positions."""
+        k = self.model_config.n_components
+        method = cfg.gmm_init
+        if method == "auto":
+            method = "labels" if self.vocab.label_key and len(self.vocab.labels) == k else "kmeans"
+        labels = self.data.label_codes()[train_rows] if self.vocab.label_key else None
+        means, variances, weights = mixture_start(z, k, method, labels, cfg.seed)
+        with torch.no_grad():
+            self.module.basal.means.copy_(torch.from_numpy(means))
+            self.module.basal.log_precision.copy_(-torch.log(torch.from_numpy(variances)))
+            self.module.basal.logits.copy_(torch.log(torch.from_numpy(weights).clamp_min(1e-3)))
 
     def _initial_representations(self, cfg: TrainConfig) -> np.ndarray:
         """Basal part from PCA (or zeros); covariate parts at their class means."""
@@ -162,7 +173,7 @@ class DGD:
         with torch.no_grad():
             for q, name in enumerate(mc.covariates):
                 block = slice(mc.latent_dim + q * mc.covariate_dim, mc.latent_dim + (q + 1) * mc.covariate_dim)
-                values[:, block] = self.module.covariate_gmms[name].means.numpy()[codes[:, q]]
+                values[:, block] = self.module.covariate_gmms[name].means.detach().numpy()[codes[:, q]]
         return values
 
     def _cells_table(self, values: np.ndarray) -> ad.AnnData:

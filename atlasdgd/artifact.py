@@ -17,6 +17,7 @@ half-written model where a complete one is expected.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def write_model(path: str | Path, files: ModelFiles, overwrite: bool = False, pl
     with atomic_directory(path, overwrite) as tmp:
         state = {k: v.detach().contiguous() for k, v in files.module.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        with ad.settings.override(zarr_write_format=3):
+        with ad.settings.override(zarr_write_format=3), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             files.cells.write_zarr(tmp / CELLS)
         files.history.to_csv(tmp / HISTORY, index=False)
         if plot and len(files.history):

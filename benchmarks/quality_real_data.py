@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 
@@ -33,12 +34,13 @@ def main() -> None:
     p.add_argument("--max-epochs", type=int, default=1000)
     p.add_argument("--min-epochs", type=int, default=50)
     p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--hyperprior", default="dataset")
+    p.add_argument("--hyperprior", default="cell")
     p.add_argument("--init", default="pca")
+    p.add_argument("--gmm-init", default="auto")
     p.add_argument("--l1", type=float, default=0.0)
     p.add_argument("--representation-steps", type=int, default=1)
     p.add_argument("--lr-representation", type=float, default=1e-2)
-    p.add_argument("--lr-decoder", type=float, default=1e-4)
+    p.add_argument("--lr-decoder", type=float, default=1e-3)
     p.add_argument("--latent-dim", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", action="store_true", help="also compute Leiden on PCA")
@@ -50,8 +52,11 @@ def main() -> None:
     t0 = time.perf_counter()
     hist = model.train(
         max_epochs=args.max_epochs, min_epochs=args.min_epochs, patience=args.patience, hyperprior=args.hyperprior,
-        init=args.init, l1=args.l1, representation_steps=args.representation_steps,
+        init=args.init, gmm_init=args.gmm_init, l1=args.l1, representation_steps=args.representation_steps,
         lr_representation=args.lr_representation, lr_decoder=args.lr_decoder, progress=False,
+        on_epoch=lambda r: r["epoch"] % 10 == 0 and print(
+            f"epoch {r['epoch']} train {r['train_recon']:.4f} val {r.get('val_recon', float('nan')):.4f} {r['seconds']:.2f}s",
+            file=sys.stderr, flush=True),
     )
     seconds = time.perf_counter() - t0
     cells = model.embed()

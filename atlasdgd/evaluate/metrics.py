@@ -44,18 +44,24 @@ def kmeans_clusters(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 
 def leiden_clusters(x: np.ndarray, k: int, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
-    """Leiden on a kNN graph of ``x`` with the resolution bisected to give ``k`` clusters (needs scanpy)."""
-    import anndata as ad
-    import scanpy as sc
+    """Leiden on a symmetrised kNN graph of ``x``, resolution bisected to give ``k`` clusters.
 
-    a = ad.AnnData(obsm={"X_emb": np.asarray(x, dtype=np.float32)}, obs={"i": np.arange(len(x))})
-    sc.pp.neighbors(a, use_rep="X_emb", n_neighbors=n_neighbors, random_state=seed)
-    lo, hi, best = 0.01, 5.0, None
-    for _ in range(30):
+    Built on scikit-learn + igraph + leidenalg directly (the scanpy path breaks on scipy 1.17).
+    """
+    import igraph as ig
+    import leidenalg
+    from sklearn.neighbors import kneighbors_graph
+
+    graph = kneighbors_graph(np.asarray(x, dtype=np.float32), n_neighbors, mode="connectivity", include_self=False)
+    graph = graph.maximum(graph.T).tocoo()
+    keep = graph.row < graph.col
+    g = ig.Graph(n=x.shape[0], edges=list(zip(graph.row[keep].tolist(), graph.col[keep].tolist())))
+    lo, hi, best = 0.001, 5.0, None
+    for _ in range(40):
         res = (lo + hi) / 2
-        sc.tl.leiden(a, resolution=res, random_state=seed, flavor="igraph", n_iterations=2, key_added="leiden")
-        n = a.obs["leiden"].nunique()
-        best = a.obs["leiden"].to_numpy()
+        part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition, resolution_parameter=res, seed=seed)
+        best = np.asarray(part.membership)
+        n = best.max() + 1
         if n == k:
             break
         lo, hi = (res, hi) if n < k else (lo, res)

