@@ -70,6 +70,7 @@ def write_model(path: str | Path, files: ModelFiles, overwrite: bool = False, pl
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         with ad.settings.override(zarr_write_format=3), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
             files.cells.write_zarr(tmp / CELLS)
         files.history.to_csv(tmp / HISTORY, index=False)
         if plot and len(files.history):

@@ -33,13 +33,19 @@ class GaussianMixture(nn.Module):
         self.n_components, self.dim, self.isotropic, self.alpha = n_components, dim, isotropic, alpha
         self.mean_prior = SoftballPrior(dim, radius, sharpness)
         # Not rounded (the reference rounds sigma0 to two decimals and breaks for K >= 81).
-        self.sigma0 = sigma0 if sigma0 is not None else 0.2 * radius / n_components
-        self.log_precision_prior_mean = -2.0 * math.log(self.sigma0)
+        self.set_sigma0(sigma0 if sigma0 is not None else 0.2 * radius / n_components)
         self.means = nn.Parameter(self.mean_prior.sample(n_components, generator))
         self.log_precision = nn.Parameter(
             torch.full((n_components, 1 if isotropic else dim), self.log_precision_prior_mean)
         )
         self.logits = nn.Parameter(torch.zeros(n_components))
+
+    def set_sigma0(self, sigma0: float) -> None:
+        """Scale of the log-precision prior N(-2 log sigma0, 1)."""
+        if not sigma0 > 0:
+            raise ValueError(f"sigma0 must be positive, got {sigma0}")
+        self.sigma0 = float(sigma0)
+        self.log_precision_prior_mean = -2.0 * math.log(self.sigma0)
 
     def log_weights(self) -> torch.Tensor:
         return torch.log_softmax(self.logits, dim=0)

@@ -32,7 +32,7 @@ class EpochStats:
         self.cells += len(batch)
         self.objective += objective_sum
         for m, v in terms.reconstruction.items():
-            self.recon[m] += float(v.sum())
+            self.recon[m] += float(v.detach().sum())
             self.recon_cells[m] += len(batch) if batch.observed is None else int(batch.observed[m].sum())
 
     def recon_per_feature(self, m: str) -> float:
@@ -111,7 +111,7 @@ class Trainer:
         self.train_table.step(batch.index, z.grad)
         if self.config.representation_steps > 1:
             representation_step(self.module, batch, self.train_table, self.config.representation_steps - 1)
-        return terms, float(per_cell.sum())
+        return terms, float(per_cell.detach().sum())
 
     def train_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
         self.module.train()
@@ -126,7 +126,7 @@ class Trainer:
         stats = EpochStats(self.n_features)
         for batch in loader:
             terms = representation_step(self.module, batch, self.val_table, self.config.representation_steps)
-            stats.add(batch, terms, float(terms.per_cell().sum()))
+            stats.add(batch, terms, float(terms.per_cell().detach().sum()))
         return stats.summary("val")
 
     def state(self) -> dict:
