@@ -201,7 +201,7 @@ def simulate(cfg: SimulationConfig | None = None, **kwargs):
     return md
 
 
-def _write_anndata_group(group, x_chunks, obs: pd.DataFrame, var: pd.DataFrame, obsm: dict, uns: dict) -> None:
+def _write_anndata_group(group, obs: pd.DataFrame, var: pd.DataFrame, obsm: dict, uns: dict) -> None:
     from anndata.io import write_elem
 
     write_elem(group, "obs", obs)
@@ -251,7 +251,7 @@ def write_simulation(cfg: SimulationConfig, path: str, overwrite: bool = False, 
             obs = pd.concat(obs_parts)
             obsm = {"true_latent": np.concatenate(latent_parts)}
             for m in cfg.modalities:
-                _write_anndata_group(groups[m], None, obs, truth.var[m], obsm, uns if not as_mudata else {})
+                _write_anndata_group(groups[m], obs, truth.var[m], obsm, uns if not as_mudata else {})
             if as_mudata:
                 n = len(obs)
                 var_names = np.concatenate([truth.var[m].index.to_numpy() for m in cfg.modalities])

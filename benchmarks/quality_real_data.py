@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--representation-steps", type=int, default=1)
     p.add_argument("--lr-representation", type=float, default=1e-2)
     p.add_argument("--lr-decoder", type=float, default=1e-3)
+    p.add_argument("--lr-basal-gmm", type=float, default=None)
     p.add_argument("--latent-dim", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", action="store_true", help="also compute Leiden on PCA")
@@ -54,6 +55,7 @@ def main() -> None:
         max_epochs=args.max_epochs, min_epochs=args.min_epochs, patience=args.patience, hyperprior=args.hyperprior,
         init=args.init, gmm_init=args.gmm_init, l1=args.l1, representation_steps=args.representation_steps,
         lr_representation=args.lr_representation, lr_decoder=args.lr_decoder, progress=False,
+        **({"lr_basal_gmm": args.lr_basal_gmm} if args.lr_basal_gmm else {}),
         on_epoch=lambda r: r["epoch"] % 10 == 0 and print(
             f"epoch {r['epoch']} train {r['train_recon']:.4f} val {r.get('val_recon', float('nan')):.4f} {r['seconds']:.2f}s",
             file=sys.stderr, flush=True),

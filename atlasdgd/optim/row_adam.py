@@ -60,13 +60,6 @@ class RepresentationTable:
         self.exp_avg[index] = m
         self.exp_avg_sq[index] = v
 
-    def reset_state(self, index: torch.Tensor | None = None) -> None:
-        """Forget Adam moments (for all rows, or some): used when rows are re-initialised."""
-        sel = slice(None) if index is None else index
-        self.exp_avg[sel] = 0
-        self.exp_avg_sq[sel] = 0
-        self.steps[sel] = 0
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"values": self.values, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}
 
