@@ -50,6 +50,8 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--hyperprior", choices=["dataset", "cell"], default=None, help="how often log p(phi) counts")
     p.add_argument("--init", choices=["pca", "zero"], default=None, help="initial representations")
+    p.add_argument("--gmm-init", choices=["auto", "labels", "kmeans", "leiden"], default=None,
+                   help="mixture start (auto: label classes when --label-key is given, else k-means)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -106,7 +108,8 @@ def cmd_train(args) -> None:
                 layer=args.layer, modality_key=args.modality_key, split_key=args.split_key,
                 latent_dim=args.latent_dim, n_components=args.components, seed=args.seed)
     options = {"max_epochs": args.epochs, "min_epochs": args.min_epochs, "patience": args.patience,
-               "batch_size": args.batch_size, "hyperprior": args.hyperprior, "init": args.init}
+               "batch_size": args.batch_size, "hyperprior": args.hyperprior, "init": args.init,
+               "gmm_init": args.gmm_init}
     history = model.train(progress=not args.quiet, **{k: v for k, v in options.items() if v is not None})
     model.save(args.out, overwrite=args.overwrite)
     best = history.loc[history["best"]] if "best" in history else history.tail(1)

@@ -24,7 +24,7 @@ def model_dir(atlas):
     out = atlas.parent / "model"
     code = main(["train", str(atlas), "--out", str(out), "--label-key", "cell_type", "--covariate-key", "batch",
                  "--epochs", "3", "--min-epochs", "1", "--latent-dim", "5", "--components", "3", "--batch-size", "64",
-                 "--seed", "2", "--quiet"])
+                 "--seed", "2", "--gmm-init", "kmeans", "--quiet"])
     assert code == 0
     return out
 

@@ -58,7 +58,8 @@ def representation_step(
         terms = module.losses(batch, z)
         (grad,) = torch.autograd.grad(terms.per_cell().sum() / len(batch), z)
         table.step(batch.index, grad)
-        first = first or terms
+        if first is None:
+            first = terms
     return first
 
 
