@@ -85,12 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_simulate(args) -> None:
-    from atlasdgd.atomic import check_writable_target
     from atlasdgd.simulate import SimulationConfig, write_simulation
 
     cfg = SimulationConfig(n_cells=args.cells, n_types=args.types, n_batches=args.batches, n_genes=args.genes,
                            n_peaks=args.peaks, n_proteins=args.proteins, batch_effect=args.batch_effect, seed=args.seed)
-    check_writable_target(args.out, args.overwrite)
     write_simulation(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {args.cells} cells ({', '.join(cfg.modalities)}) to {args.out}")
 
