@@ -22,13 +22,17 @@ from atlasdgd.data.adapters import prepare
 from atlasdgd.data.cells import SPLIT_KEY, CellData
 from atlasdgd.data.loader import InMemoryLoader
 from atlasdgd.errors import AtlasDGDError
-from atlasdgd.infer.candidates import candidate_search
+from atlasdgd.infer.labels import transfer_labels
+from atlasdgd.infer.library import LibraryModel
+from atlasdgd.infer.new_classes import learn_new_classes
+from atlasdgd.infer.query import DEFAULT_MIN_OVERLAP, Query, align_query
+from atlasdgd.infer.mapping import MappingOptions, map_cells
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import DGDModule
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.init import mixture_start, pca_representations
-from atlasdgd.train.trainer import Trainer, fit_representations
+from atlasdgd.train.trainer import Trainer
 
 EMBEDDING_KEY = "X_dgd"
 CLUSTER_KEY = "dgd_cluster"
@@ -68,6 +72,7 @@ class DGD:
     ):
         self.cells: ad.AnnData | None = None
         self.history = pd.DataFrame()
+        self.library_model: LibraryModel | None = None
         self.train_config = TrainConfig(seed=seed)
         if data is None:  # filled by load()
             return
@@ -132,13 +137,16 @@ class DGD:
         trainer = Trainer(module, cfg, tables["train"], tables["validation"] if has_val else None)
         history = trainer.fit(loader("train"), loader("validation") if has_val else None, progress=progress, on_epoch=on_epoch)
         module.eval()
-        if len(rows["test"]):
-            tables["test"].values = candidate_search(module, loader("test", shuffle=False), len(rows["test"]))
-            fit_representations(module, loader("test"), tables["test"], cfg.heldout_epochs, cfg.representation_steps,
-                                progress=progress, desc="fitting test cells")
         values = np.zeros((data.n_cells, self.model_config.representation_dim), dtype=np.float32)
         for s, r in rows.items():
             values[r] = tables[s].values.numpy()
+        if len(rows["test"]):  # held-out cells are mapped the way new cells are
+            mapped = map_cells(module, data, self.mapping_options(epochs=cfg.heldout_epochs), rows=rows["test"],
+                               progress=progress)
+            values[rows["test"]] = mapped.values
+        train_rows = rows["train"]
+        self.library_model = LibraryModel.fit({m: data.library(m)[train_rows] for m in data.modalities},
+                                              {m: o[train_rows] for m, o in data.observed.items()})
         self.history = pd.DataFrame(history)
         self.cells = self._cells_table(values)
         self.vocab.component_labels = self._component_labels()
@@ -235,10 +243,197 @@ class DGD:
             out = self.module.log_fractions(torch.as_tensor(representation, dtype=torch.float32))
         return {m: v.numpy() for m, v in out.items()}
 
+    # -- new cells -------------------------------------------------------------------------
+    def mapping_options(self, **overrides) -> MappingOptions:
+        """Mapping settings: the model's representation learning rate and betas, then ``overrides``."""
+        base = {"lr": self.train_config.lr_representation, "betas": self.train_config.betas,
+                "seed": self.train_config.seed}
+        return MappingOptions(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def align(self, query, *, layer=None, modality: str | None = None, modality_key: str | None = None,
+              min_overlap: float = DEFAULT_MIN_OVERLAP) -> Query:
+        """Check a query AnnData/MuData against the model and line up its features and classes."""
+        return align_query(query, self.vocab.features, self.vocab.covariates, layer=layer, modality=modality,
+                           modality_key=modality_key, min_overlap=min_overlap)
+
+    def map(
+        self,
+        query,
+        *,
+        epochs: int = 20,
+        new_covariate_classes: bool = False,
+        two_step: int = 0,
+        memory_budget: int | None = None,
+        add_to_atlas: bool = False,
+        layer=None,
+        modality: str | None = None,
+        modality_key: str | None = None,
+        min_overlap: float = DEFAULT_MIN_OVERLAP,
+        progress: bool = True,
+    ) -> ad.AnnData:
+        """Representations, clusters and (with a labelled model) transferred labels for new cells.
+
+        Decoder and mixtures stay frozen. Covariate classes known to the model are used where the
+        query's obs has them; other cells are searched over all classes ("naive" mapping). With
+        ``new_covariate_classes`` every unseen class of every covariate gets its own new component
+        (the model then knows those classes: save it to keep them). ``add_to_atlas`` appends the
+        mapped cells to the model's cell table (split ``mapped``).
+        """
+        self._require_trained()
+        aligned = self.align(query, layer=layer, modality=modality, modality_key=modality_key, min_overlap=min_overlap)
+        options = self.mapping_options(epochs=epochs, two_step=two_step, memory_budget=memory_budget)
+        if add_to_atlas:
+            clash = aligned.obs.index.intersection(self.cells.obs.index)
+            if len(clash):
+                raise AtlasDGDError(f"{len(clash)} query cells share names with atlas cells (for example {clash[0]!r}): "
+                                    "rename them before adding them to the atlas")
+        if new_covariate_classes and aligned.unseen_classes:
+            self._learn_new_classes(aligned, options, progress)
+        mapping = map_cells(self.module, aligned, options, progress=progress)
+        table = self._query_table(aligned, mapping)
+        if add_to_atlas:
+            self._add_cells(table)
+        return table
+
+    def _learn_new_classes(self, aligned: Query, options: MappingOptions, progress: bool) -> None:
+        values = {k: np.array([None if pd.isna(v) else str(v) for v in aligned.obs[k]], dtype=object)
+                  for k in aligned.unseen_classes}
+        weight = 1.0 if self.train_config.hyperprior == "cell" else 1.0 / max(1, self.cells.n_obs)
+        self.module, _ = learn_new_classes(self.module, aligned, aligned.unseen_classes, values, options,
+                                           hyperprior_weight=weight, progress=progress)
+        self.model_config = self.module.config
+        for key, names in aligned.unseen_classes.items():
+            self.vocab.covariates[key] = list(self.vocab.covariates[key]) + list(names)
+        aligned.unseen_classes = {}
+
+    def _query_table(self, aligned: Query, mapping) -> ad.AnnData:
+        mc = self.model_config
+        obs = aligned.obs.copy()
+        z = torch.from_numpy(mapping.values)
+        with torch.no_grad():
+            basal, covs = self.module.split_representation(z)
+            obs[CLUSTER_KEY] = pd.Categorical(self.module.basal.cluster(basal).numpy(), categories=range(mc.n_components))
+            if any(lab is not None for lab in self.vocab.component_labels):
+                labels, confidence = transfer_labels(self.module.basal.posterior(basal).numpy(), self.vocab.component_labels)
+                obs["dgd_label"] = pd.Categorical(labels)
+                obs["dgd_label_confidence"] = confidence
+            for q, (key, gmm) in enumerate(self.module.covariate_gmms.items()):
+                # the class each cell's covariate block sits closest to (its own where it was known)
+                names = np.asarray(self.vocab.covariates[key], dtype=object)
+                obs[f"dgd_{key}"] = pd.Categorical(names[gmm.cluster(covs[key]).numpy()], categories=list(names))
+        obs["dgd_nll_per_feature"] = mapping.recon_per_feature
+        obsm = {EMBEDDING_KEY: basal.numpy().copy()}
+        obsm.update({f"{EMBEDDING_KEY}_{k}": v.numpy().copy() for k, v in covs.items()})
+        return ad.AnnData(obs=obs, obsm=obsm)
+
+    def _add_cells(self, table: ad.AnnData) -> None:
+        """Append mapped cells to the atlas's cell table (split ``mapped``)."""
+        old = self.cells
+        obs = pd.DataFrame(index=table.obs.index)
+        for col in old.obs.columns:
+            if col == SPLIT_KEY:
+                obs[col] = "mapped"
+            elif col == self.vocab.label_key:
+                source = col if col in table.obs else "dgd_label" if "dgd_label" in table.obs else None
+                obs[col] = table.obs[source].astype(object).to_numpy() if source else None
+            elif col in table.obs:
+                obs[col] = table.obs[col].astype(object).to_numpy()
+            elif col in self.vocab.covariates and f"dgd_{col}" in table.obs:
+                obs[col] = table.obs[f"dgd_{col}"].astype(object).to_numpy()
+        both = pd.concat([old.obs.astype(object), obs.astype(object)])
+        for col in both.columns:
+            if col == CLUSTER_KEY:
+                both[col] = pd.Categorical(both[col].astype(int), categories=range(self.model_config.n_components))
+            else:
+                both[col] = pd.Categorical(both[col].where(both[col].notna(), None))
+        obsm = {k: np.concatenate([old.obsm[k], table.obsm[k]]) for k in old.obsm}
+        self.cells = ad.AnnData(obs=both, obsm=obsm)
+
+    def predict(self, query, *, epochs: int = 20, two_step: int = 0, memory_budget: int | None = None,
+                layer=None, modality: str | None = None, modality_key: str | None = None,
+                min_overlap: float = DEFAULT_MIN_OVERLAP, progress: bool = True) -> dict[str, ad.AnnData]:
+        """Map the query from the modalities (and features) it has, then decode every modality.
+
+        Returns one AnnData per model modality: ``X`` the predicted fractions, layer ``dgd_mean`` the
+        predicted mean counts (fractions x library size), ``var['dgd_dispersion']``, obs
+        ``dgd_library`` and ``dgd_library_source`` (``measured``, ``from <modality>`` or ``training
+        median``: see :mod:`atlasdgd.infer.library`), plus the mapping's obs/obsm.
+        """
+        self._require_trained()
+        if self.library_model is None:
+            raise AtlasDGDError("this model has no library-size statistics (saved by an older atlasdgd): retrain it to predict counts")
+        aligned = self.align(query, layer=layer, modality=modality, modality_key=modality_key, min_overlap=min_overlap)
+        options = self.mapping_options(epochs=epochs, two_step=two_step, memory_budget=memory_budget)
+        mapping = map_cells(self.module, aligned, options, progress=progress)
+        table = self._query_table(aligned, mapping)
+        measured = {m: aligned.library(m) for m in aligned.modalities}
+        with torch.no_grad():
+            log_y = self.module.log_fractions(torch.from_numpy(mapping.values))
+        out = {}
+        for m, features in self.vocab.features.items():
+            y = torch.exp(log_y[m]).numpy()
+            observed = aligned.observed[m]
+            library, source = self.library_model.predict(m, measured, aligned.observed)
+            if m in measured:
+                # measured library covers only the measured features: scale to all of them
+                covered = y[:, aligned.features[m]].sum(axis=1)
+                library = np.where(observed, measured[m] / np.maximum(covered, 1e-12), library).astype(np.float32)
+                source = np.where(observed, "measured", source)
+            obs = table.obs.copy()
+            obs["dgd_library"] = library
+            obs["dgd_library_source"] = pd.Categorical(source)
+            var = pd.DataFrame(index=pd.Index(features, name=None))
+            var["dgd_dispersion"] = self.module.dispersion(m).detach().numpy()
+            out[m] = ad.AnnData(X=y.astype(np.float32), obs=obs, var=var, obsm=dict(table.obsm),
+                                layers={"dgd_mean": (y * library[:, None]).astype(np.float32)})
+        return out
+
+    def perturb(self, query, genes: list[str], *, group_by: str | None = None, steps: int = 1,
+                lr: float | None = None, epochs: int = 20, modality: str | None = None, layer=None,
+                modality_key: str | None = None, min_overlap: float = DEFAULT_MIN_OVERLAP,
+                progress: bool = True) -> pd.DataFrame:
+        """In-silico knock-down of each gene in ``genes`` (spec 2.4) on the query's mapped cells.
+
+        Returns a long table: gene, group, modality, feature, mean_delta, n_cells, and
+        distance_to_tss when the query's var gives gene TSS (``chrom``, ``tss``) and feature
+        coordinates (``chrom``/``start``/``end`` or names like ``chr1:100-600``).
+        """
+        from atlasdgd.infer.perturb import add_tss_distance, perturb_genes
+
+        self._require_trained()
+        if isinstance(genes, str):
+            genes = [genes]
+        if group_by is not None and group_by not in query.obs.columns:
+            raise AtlasDGDError(f"group-by key {group_by!r} is not a column of the query's obs "
+                                f"(columns: {list(query.obs.columns)[:20]})")
+        gene_modality = modality or next(iter(self.vocab.features))
+        aligned = self.align(query, layer=layer, modality=gene_modality, modality_key=modality_key,
+                             min_overlap=min_overlap)
+        mapping = map_cells(self.module, aligned, self.mapping_options(epochs=epochs), progress=progress)
+        groups = None if group_by is None else aligned.obs[group_by].astype(str).to_numpy()
+        table = perturb_genes(self.module, aligned, mapping.values, list(genes), self.vocab.features, groups,
+                              modality=gene_modality, steps=steps, lr=lr or self.train_config.lr_representation,
+                              betas=self.train_config.betas)
+        feature_var = _query_vars(query, gene_modality)
+        if gene_modality in feature_var:
+            table = add_tss_distance(table, feature_var[gene_modality], feature_var)
+        return table
+
+    def sample(self, n: int, component: int | str | None = None, covariates: dict[str, str] | None = None,
+               library: dict[str, float] | None = None, seed: int = 0) -> dict[str, ad.AnnData]:
+        """Synthetic cells: z from one basal component (index or label) or the whole mixture, covariate
+        blocks at the given classes' means (default: each covariate's first class), NB counts at
+        ``library`` (default: the training median per modality). One AnnData per modality."""
+        from atlasdgd.infer.generate import sample_cells
+
+        self._require_trained()
+        return sample_cells(self, n, component, covariates or {}, library or {}, seed)
+
     # -- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         self._require_trained()
-        files = ModelFiles(self.module, self.model_config, self.train_config, self.vocab, self.cells, self.history)
+        files = ModelFiles(self.module, self.model_config, self.train_config, self.vocab, self.cells, self.history,
+                           self.library_model)
         return write_model(path, files, overwrite=overwrite)
 
     @classmethod
@@ -249,4 +444,12 @@ class DGD:
         model.data = None
         model.module, model.model_config, model.train_config = files.module, files.model_config, files.train_config
         model.vocab, model.cells, model.history = files.vocab, files.cells, files.history
+        model.library_model = files.library_model
         return model
+
+
+def _query_vars(query, modality: str) -> dict[str, pd.DataFrame]:
+    """Feature annotations (var) per modality of a query AnnData/MuData."""
+    if hasattr(query, "mod"):
+        return {m: a.var for m, a in query.mod.items()}
+    return {modality: query.var}

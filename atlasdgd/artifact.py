@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from atlasdgd.atomic import atomic_directory
 from atlasdgd.errors import ModelFileError
+from atlasdgd.infer.library import LibraryModel
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import DGDModule
 from atlasdgd.train.config import TrainConfig
@@ -60,6 +61,7 @@ class ModelFiles:
     vocab: Vocabulary
     cells: ad.AnnData
     history: pd.DataFrame
+    library_model: LibraryModel | None = None
 
 
 def write_model(path: str | Path, files: ModelFiles, overwrite: bool = False, plot: bool = True) -> Path:
@@ -85,6 +87,7 @@ def write_model(path: str | Path, files: ModelFiles, overwrite: bool = False, pl
             "training": files.train_config.to_dict(),
             "vocabulary": files.vocab.to_dict(),
             "n_cells": int(files.cells.n_obs),
+            "library_model": None if files.library_model is None else files.library_model.to_dict(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return Path(path)
@@ -135,4 +138,6 @@ def read_model(path: str | Path) -> ModelFiles:
         raise ModelFileError(f"cannot read {str(path / CELLS)!r} ({e}): the model directory is damaged") from e
     history = pd.read_csv(path / HISTORY) if (path / HISTORY).exists() else pd.DataFrame()
     module.eval()
-    return ModelFiles(module, model_config, train_config, vocab, cells, history)
+    library = manifest.get("library_model")
+    library_model = None if library is None else LibraryModel.from_dict(library)
+    return ModelFiles(module, model_config, train_config, vocab, cells, history, library_model)

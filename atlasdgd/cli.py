@@ -3,6 +3,11 @@
     atlasdgd simulate --out atlas.h5mu --cells 5000 --peaks 2000
     atlasdgd train atlas.h5mu --out model --label-key cell_type --covariate-key batch
     atlasdgd embed model --out cells.h5ad
+    atlasdgd map model query.h5ad --out mapped.h5ad [--new-covariate-classes --save-model model2]
+    atlasdgd predict model rna_only.h5ad --out predicted.h5mu
+    atlasdgd perturb model query.h5mu --gene Gad1 --group-by cell_type --out deltas.csv
+    atlasdgd sample model --cells 100 --component "CD4 T" --out synthetic.h5mu
+    atlasdgd evaluate model data.h5mu --label-key cell_type --batch-key batch --out metrics.json
     atlasdgd demo
 """
 
@@ -63,6 +68,75 @@ def _add_embed(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def _add_query_options(p, epochs_help: str = "refinement epochs after the candidate search (default 20)") -> None:
+    p.add_argument("model", help="model directory written by 'atlasdgd train'")
+    p.add_argument("query", help="query .h5ad / .h5mu / AnnData .zarr with raw counts")
+    p.add_argument("--epochs", type=int, default=20, help=epochs_help)
+    p.add_argument("--layer", help="layer with raw counts instead of X")
+    p.add_argument("--modality", help="model modality an AnnData query holds (default: the model's first)")
+    p.add_argument("--modality-key", help="var column naming each feature's modality (AnnData with several)")
+    p.add_argument("--min-overlap", type=float, default=0.5,
+                   help="smallest fraction of a modality's model features the query must have (default 0.5)")
+    p.add_argument("--memory-budget", type=float, default=512, help="MiB for one chunk of the candidate search")
+    p.add_argument("--two-step", type=int, default=0, metavar="M",
+                   help="refine each cell's M best candidates for 5 epochs and keep the best (0: off)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_map(sub) -> None:
+    p = sub.add_parser("map", help="map new cells into a trained model: representations, clusters, labels")
+    _add_query_options(p)
+    p.add_argument("--out", required=True, help="output .h5ad (obsm X_dgd; obs dgd_cluster, dgd_label, ...)")
+    p.add_argument("--new-covariate-classes", action="store_true",
+                   help="learn one new covariate component per unseen class (else unseen classes map naively)")
+    p.add_argument("--save-model", help="write the model (with learned new classes) to this directory")
+    p.add_argument("--add-to-atlas", action="store_true", help="with --save-model: include the mapped cells in it")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="map cells from the modalities they have and predict all modalities")
+    _add_query_options(p)
+    p.add_argument("--out", required=True, help="output .h5mu (one modality each) or .h5ad (features concatenated)")
+
+
+def _add_perturb(sub) -> None:
+    p = sub.add_parser("perturb", help="in-silico knock-down of genes: per-feature mean change per group")
+    _add_query_options(p)
+    p.add_argument("--gene", action="append", required=True, help="gene to perturb (repeatable, or comma-separated)")
+    p.add_argument("--group-by", help="obs column to aggregate by (default: all cells together)")
+    p.add_argument("--steps", type=int, default=1, help="optimisation steps on the representation (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="step size (default: the model's representation lr)")
+    p.add_argument("--out", required=True, help="output table: .csv, .tsv or .parquet")
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate synthetic cells from the model's mixture")
+    p.add_argument("model", help="model directory")
+    p.add_argument("--cells", type=int, default=100)
+    p.add_argument("--component", help="component index or label (default: the whole mixture)")
+    p.add_argument("--covariate", action="append", default=[], metavar="KEY=CLASS",
+                   help="covariate class of the samples (repeatable; default each covariate's first class)")
+    p.add_argument("--library", action="append", default=[], metavar="MODALITY=SIZE",
+                   help="library size per modality (default: training median)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .h5mu or .h5ad")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="clustering, batch mixing and held-out reconstruction metrics as JSON")
+    _add_query_options(p, epochs_help="refinement epochs for cells the model has not seen (default 20)")
+    p.add_argument("--label-key", help="obs column of cell-type labels (ARI, NMI, label silhouette)")
+    p.add_argument("--batch-key", help="obs column of batches (batch mixing)")
+    p.add_argument("--predict-modality", action="append", default=[],
+                   help="also map held-out cells without this modality and score its prediction (repeatable)")
+    p.add_argument("--auprc-modality", action="append", default=None,
+                   help="modality scored by AUPRC of binarised counts (default: ATAC-like names)")
+    p.add_argument("--map-all", action="store_true", help="map every cell, even ones the model was trained on")
+    p.add_argument("--out", required=True, help="output metrics .json")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="simulate a small RNA+ATAC atlas, train, embed and plot")
     p.add_argument("--out", default="atlasdgd-demo", help="output folder (default ./atlasdgd-demo)")
@@ -79,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlasdgd", description="Deep Generative Decoder models for single-cell atlases")
     parser.add_argument("--version", action="version", version=f"atlasdgd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_train, _add_embed, _add_demo):
+    for add in (_add_simulate, _add_train, _add_embed, _add_map, _add_predict, _add_perturb, _add_sample, _add_evaluate,
+                _add_demo):
         add(sub)
     return parser
 
@@ -127,6 +202,167 @@ def cmd_embed(args) -> None:
     print(f"wrote {cells.n_obs} cells to {args.out} (obsm: {', '.join(cells.obsm)}; obs: dgd_cluster, dgd_split)")
 
 
+def _check_outputs(args, *paths, suffixes: tuple[str, ...]) -> None:
+    from atlasdgd.atomic import check_writable_target
+
+    for path in paths:
+        if path is None:
+            continue
+        if suffixes and path is args.out and not str(path).endswith(suffixes):
+            raise AtlasDGDError(f"--out {path!r} must end in {' or '.join(suffixes)}")
+        check_writable_target(path, args.overwrite)
+
+
+def _load_for_query(args):
+    """Model and query, checked before any work."""
+    from atlasdgd import DGD
+    from atlasdgd.data.adapters import read_input
+
+    if getattr(args, "epochs", 1) is not None and args.epochs < 0:
+        raise AtlasDGDError(f"--epochs must be >= 0, got {args.epochs}")
+    model = DGD.load(args.model)
+    if not Path(args.query).exists():
+        raise AtlasDGDError(f"query {args.query!r} does not exist")
+    query = read_input(args.query)
+    return model, query
+
+
+def _query_kwargs(args) -> dict:
+    return {"layer": args.layer, "modality": args.modality, "modality_key": args.modality_key,
+            "min_overlap": args.min_overlap}
+
+
+def _mapping_kwargs(args) -> dict:
+    if args.memory_budget <= 0:
+        raise AtlasDGDError(f"--memory-budget must be positive, got {args.memory_budget}")
+    return {"epochs": args.epochs, "two_step": args.two_step, "memory_budget": int(args.memory_budget * 2**20),
+            **_query_kwargs(args)}
+
+
+def _write_h5ad(adata, path: str, overwrite: bool) -> None:
+    from atlasdgd.atomic import atomic_file
+
+    with atomic_file(path, overwrite) as tmp:
+        adata.write_h5ad(tmp)
+
+
+def _write_modalities(mods: dict, path: str, overwrite: bool) -> None:
+    """One AnnData per modality: .h5mu as MuData, .h5ad as one AnnData (features concatenated)."""
+    import anndata as ad
+
+    from atlasdgd.atomic import atomic_file
+
+    with atomic_file(path, overwrite) as tmp:
+        if str(path).endswith(".h5mu"):
+            import mudata
+
+            mudata.MuData(mods).write_h5mu(tmp)
+            return
+        if len(mods) == 1:
+            adata = next(iter(mods.values()))
+        else:
+            first = next(iter(mods.values()))
+            adata = ad.concat(mods, axis=1, label="dgd_modality", merge="first")
+            adata.obs = first.obs[[c for c in first.obs.columns if not c.startswith("dgd_library")]].copy()
+            for m, a in mods.items():
+                adata.obs[f"dgd_library_{m}"] = a.obs["dgd_library"].to_numpy()
+                adata.obs[f"dgd_library_source_{m}"] = a.obs["dgd_library_source"].to_numpy()
+            adata.obsm = dict(first.obsm)
+        adata.write_h5ad(tmp)
+
+
+def cmd_map(args) -> None:
+    from atlasdgd.atomic import check_writable_target
+
+    _check_outputs(args, args.out, suffixes=(".h5ad",))
+    if args.save_model:
+        check_writable_target(args.save_model, args.overwrite)
+    elif args.add_to_atlas:
+        raise AtlasDGDError("--add-to-atlas needs --save-model DIR (the model directory to write)")
+    model, query = _load_for_query(args)
+    mapped = model.map(query, new_covariate_classes=args.new_covariate_classes, add_to_atlas=args.add_to_atlas,
+                       progress=not args.quiet, **_mapping_kwargs(args))
+    _write_h5ad(mapped, args.out, args.overwrite)
+    extra = ", dgd_label, dgd_label_confidence" if "dgd_label" in mapped.obs else ""
+    print(f"mapped {mapped.n_obs} cells to {args.out} (obsm: {', '.join(mapped.obsm)}; obs: dgd_cluster{extra})")
+    if args.save_model:
+        model.save(args.save_model, overwrite=args.overwrite)
+        print(f"model with covariate classes {model.vocab.covariates} written to {args.save_model}")
+
+
+def cmd_predict(args) -> None:
+    _check_outputs(args, args.out, suffixes=(".h5mu", ".h5ad"))
+    model, query = _load_for_query(args)
+    mods = model.predict(query, progress=not args.quiet, **_mapping_kwargs(args))
+    _write_modalities(mods, args.out, args.overwrite)
+    sources = {m: a.obs["dgd_library_source"].value_counts().to_dict() for m, a in mods.items()}
+    print(f"predicted {', '.join(mods)} for {next(iter(mods.values())).n_obs} cells to {args.out} "
+          f"(X: fractions, layer dgd_mean: mean counts; library sizes: {sources})")
+
+
+def cmd_perturb(args) -> None:
+    from atlasdgd.atomic import atomic_file
+
+    _check_outputs(args, args.out, suffixes=(".csv", ".tsv", ".parquet"))
+    if args.steps < 1:
+        raise AtlasDGDError(f"--steps must be >= 1, got {args.steps}")
+    genes = [g.strip() for item in args.gene for g in item.split(",") if g.strip()]
+    model, query = _load_for_query(args)
+    kw = _mapping_kwargs(args)
+    table = model.perturb(query, genes, group_by=args.group_by, steps=args.steps, lr=args.lr, epochs=kw["epochs"],
+                          progress=not args.quiet, **_query_kwargs(args))
+    with atomic_file(args.out, args.overwrite) as tmp:
+        if args.out.endswith(".parquet"):
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False, sep="\t" if args.out.endswith(".tsv") else ",")
+    print(f"wrote {len(table)} rows ({len(genes)} genes x groups x features) to {args.out}")
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise AtlasDGDError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def cmd_sample(args) -> None:
+    from atlasdgd import DGD
+
+    _check_outputs(args, args.out, suffixes=(".h5mu", ".h5ad"))
+    try:
+        library = {k: float(v) for k, v in _pairs(args.library, "--library").items()}
+    except ValueError as e:
+        raise AtlasDGDError(f"--library sizes must be numbers ({e})") from e
+    model = DGD.load(args.model)
+    component = args.component
+    if component is not None and component.lstrip("-").isdigit():
+        component = int(component)
+    mods = model.sample(args.cells, component=component, covariates=_pairs(args.covariate, "--covariate"),
+                        library=library, seed=args.seed)
+    _write_modalities(mods, args.out, args.overwrite)
+    print(f"wrote {args.cells} synthetic cells ({', '.join(mods)}) to {args.out}")
+
+
+def cmd_evaluate(args) -> None:
+    import json
+
+    from atlasdgd.atomic import atomic_file
+    from atlasdgd.evaluate.report import evaluate
+
+    _check_outputs(args, args.out, suffixes=(".json",))
+    model, data = _load_for_query(args)
+    metrics = evaluate(model, data, args.label_key, args.batch_key, predict_modalities=args.predict_modality,
+                       auprc_modalities=args.auprc_modality, map_all=args.map_all, epochs=args.epochs,
+                       progress=not args.quiet, **_query_kwargs(args))
+    with atomic_file(args.out, args.overwrite) as tmp:
+        Path(tmp).write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics, indent=1))
+
+
 def cmd_demo(args) -> None:
     from atlasdgd.demo import run_demo
 
@@ -137,7 +373,9 @@ def cmd_demo(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    handler = {"simulate": cmd_simulate, "train": cmd_train, "embed": cmd_embed, "demo": cmd_demo}[args.command]
+    handler = {"simulate": cmd_simulate, "train": cmd_train, "embed": cmd_embed, "map": cmd_map,
+               "predict": cmd_predict, "perturb": cmd_perturb, "sample": cmd_sample, "evaluate": cmd_evaluate,
+               "demo": cmd_demo}[args.command]
     try:
         handler(args)
     except (AtlasDGDError, ValueError) as e:

@@ -17,3 +17,28 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data set {name} not found in {DATA_DIR} (set ATLASDGD_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def mapped_atlas(tmp_path_factory):
+    """A small RNA+ATAC model trained on batches 0-2 of a simulation; batch 3 is held back.
+
+    Returns a namespace: ``data`` (all cells, MuData), ``train``/``heldout`` (MuData), ``model_dir``.
+    Tests that change a model load their own copy from ``model_dir``.
+    """
+    from types import SimpleNamespace
+
+    import atlasdgd
+    from atlasdgd.simulate import SimulationConfig, simulate
+
+    cfg = SimulationConfig(n_cells=2400, n_types=5, n_batches=4, n_genes=400, n_peaks=800, batch_effect=0.8,
+                           n_linked_genes=10, peaks_per_linked_gene=6, seed=3)
+    data = simulate(cfg)
+    held = (data.obs["batch"] == "batch_3").to_numpy()
+    train, heldout = data[~held].copy(), data[held].copy()
+    torch.manual_seed(0)
+    model = atlasdgd.DGD(train, label_key="cell_type", covariate_keys=["batch"], seed=0)
+    model.train(max_epochs=40, min_epochs=40, progress=False)
+    model_dir = tmp_path_factory.mktemp("mapped_atlas") / "model"
+    model.save(model_dir)
+    return SimpleNamespace(data=data, train=train, heldout=heldout, model_dir=model_dir, config=cfg)

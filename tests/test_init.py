@@ -76,16 +76,43 @@ def test_candidate_search_picks_the_component_with_the_lowest_loss():
     g = torch.Generator().manual_seed(1)
     x = torch.poisson(torch.rand(7, 20, generator=g) * 4)
     x[:, 0] += 1
-    batch = Batch(torch.arange(7), {"rna": x}, {"rna": x.sum(1)}, torch.tensor([[0], [1], [0], [1], [1], [0], [0]]))
-    got = candidate_search(module, [batch], 7)
+    codes = torch.tensor([[0], [1], [0], [1], [1], [0], [0]])
+    batch = Batch(torch.arange(7), {"rna": x}, {"rna": x.sum(1)}, codes)
+    starts, losses = candidate_search(module, [batch], 7, keep=2)
     with torch.no_grad():
-        losses = []
+        cand = []
         for k in range(5):
-            z = torch.cat([module.basal.means[k].expand(7, -1), module.covariate_gmms["batch"].means[batch.covariates[:, 0]]], 1)
-            losses.append(module.losses(batch, z).per_cell())
-        best = torch.stack(losses).argmin(0)
-    torch.testing.assert_close(got[:, :3], module.basal.means.detach()[best])
-    torch.testing.assert_close(got[:, 3:], module.covariate_gmms["batch"].means.detach()[batch.covariates[:, 0]])
+            z = torch.cat([module.basal.means[k].expand(7, -1), module.covariate_gmms["batch"].means[codes[:, 0]]], 1)
+            cand.append(module.losses(batch, z).per_cell())
+        cand = torch.stack(cand, 1)
+    order = cand.argsort(1)
+    torch.testing.assert_close(starts[:, 0, :3], module.basal.means.detach()[order[:, 0]])
+    torch.testing.assert_close(starts[:, 1, :3], module.basal.means.detach()[order[:, 1]])
+    torch.testing.assert_close(losses, cand.gather(1, order[:, :2]))
+    torch.testing.assert_close(starts[:, 0, 3:], module.covariate_gmms["batch"].means.detach()[codes[:, 0]])
+
+
+def test_candidate_search_over_unknown_covariates_scores_every_combination():
+    cfg = ModelConfig(modalities={"rna": 15}, latent_dim=2, n_components=3, covariates={"batch": 2, "donor": 3})
+    module = DGDModule(cfg, generator=torch.Generator().manual_seed(0))
+    x = torch.poisson(torch.rand(6, 15, generator=torch.Generator().manual_seed(2)) * 4) + 1
+    codes = torch.tensor([[-1, 2], [1, -1], [-1, -1], [0, 0], [-1, 1], [1, -1]])
+    batch = Batch(torch.arange(6), {"rna": x}, {"rna": x.sum(1)}, codes)
+    starts, losses = candidate_search(module, [batch], 6)
+    gb, gd = module.covariate_gmms["batch"], module.covariate_gmms["donor"]
+    with torch.no_grad():
+        best = torch.full((6,), float("inf"))
+        for k in range(3):
+            for b in range(2):
+                for d in range(3):
+                    bb = torch.where(codes[:, 0] >= 0, codes[:, 0], torch.tensor(b))
+                    dd = torch.where(codes[:, 1] >= 0, codes[:, 1], torch.tensor(d))
+                    z = torch.cat([module.basal.means[k].expand(6, -1), gb.means[bb], gd.means[dd]], 1)
+                    best = torch.minimum(best, module.losses(batch, z).per_cell())
+        np.testing.assert_allclose(losses[:, 0].numpy(), best.numpy(), rtol=1e-6)
+        # known classes are kept; the chosen start reproduces its loss
+        torch.testing.assert_close(starts[3, 0, 2:4], gb.means[0])
+        torch.testing.assert_close(module.losses(batch, starts[:, 0]).per_cell(), losses[:, 0])
 
 
 def test_early_stopping_waits_for_min_epochs_and_patience():

@@ -105,7 +105,21 @@ def _modalities_from_mudata(mdata, layer):
     return out, observed
 
 
-def _obs_column(obs: pd.DataFrame, key: str, role: str, modality_names: list[str]) -> pd.Series:
+def read_modalities(data, layer=None, modality_key: str | None = None, modality: str = "rna"):
+    """``({modality: (CSR counts, feature names)}, {modality: per-cell observed mask} or None)``."""
+    is_mudata = hasattr(data, "mod") and hasattr(data, "obsmap")
+    if not is_mudata and not isinstance(data, ad.AnnData):
+        raise InputError(f"expected AnnData or MuData, got {type(data).__name__}")
+    if data.n_obs == 0:
+        raise InputError("the data has no cells: pass a non-empty AnnData/MuData")
+    if is_mudata:
+        return _modalities_from_mudata(data, layer)
+    if not modality.isidentifier():
+        raise InputError(f"modality name {modality!r} must be letters, digits and _")
+    return _modalities_from_anndata(data, layer, modality_key, modality)
+
+
+def obs_column(obs: pd.DataFrame, key: str, role: str, modality_names: list[str]) -> pd.Series:
     if key in obs.columns:
         return obs[key]
     for m in modality_names:  # MuData keeps per-modality columns as "mod:key"
@@ -133,17 +147,7 @@ def prepare(
     Everything is checked before any training work starts; problems raise
     :class:`~atlasdgd.errors.InputError` naming the fix.
     """
-    is_mudata = hasattr(data, "mod") and hasattr(data, "obsmap")
-    if not is_mudata and not isinstance(data, ad.AnnData):
-        raise InputError(f"expected AnnData or MuData, got {type(data).__name__}")
-    if data.n_obs == 0:
-        raise InputError("the data has no cells: pass a non-empty AnnData/MuData")
-    if is_mudata:
-        mods, observed = _modalities_from_mudata(data, layer)
-    else:
-        if not modality.isidentifier():
-            raise InputError(f"modality name {modality!r} must be letters, digits and _")
-        mods, observed = _modalities_from_anndata(data, layer, modality_key, modality)
+    mods, observed = read_modalities(data, layer, modality_key, modality)
     if modalities is not None:
         unknown = [m for m in modalities if m not in mods]
         if unknown:
@@ -169,9 +173,9 @@ def prepare(
     obs = pd.DataFrame(index=obs_names)
     names = list(counts)
     if label_key is not None:
-        obs[label_key] = pd.Categorical(_obs_column(data.obs, label_key, "label", names).to_numpy())
+        obs[label_key] = pd.Categorical(obs_column(data.obs, label_key, "label", names).to_numpy())
     for key in covariate_keys:
-        col = _obs_column(data.obs, key, "covariate", names)
+        col = obs_column(data.obs, key, "covariate", names)
         col = pd.Series(col.to_numpy(), index=obs_names)
         validate.check_covariate_values(col.to_frame(key), key)
         obs[key] = pd.Categorical(col.astype(str).to_numpy())
@@ -179,7 +183,7 @@ def prepare(
         raise InputError(f"covariate keys repeat: {list(covariate_keys)}")
 
     if split_key is not None:
-        split = split_from_column(_obs_column(data.obs, split_key, "split", names))
+        split = split_from_column(obs_column(data.obs, split_key, "split", names))
     else:
         strata_cols = ([label_key] if label_key else []) + list(covariate_keys)
         strata = obs[strata_cols].astype(str).agg("|".join, axis=1) if strata_cols else None

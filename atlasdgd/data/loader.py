@@ -32,8 +32,15 @@ class InMemoryLoader:
         self.epoch = 0
         self._library = {m: data.library(m) for m in data.modalities}
         self._covariates = data.covariate_codes()
-        self._observed = data.observed
-        self._all_observed = all(o[self.rows].all() for o in data.observed.values())
+        self._observed = {m: data.observed[m] for m in data.modalities}
+        self._all_observed = all(o[self.rows].all() for o in self._observed.values())
+        # query data measuring only some of the model's features (see atlasdgd.infer.query)
+        features = getattr(data, "features", None) or {}
+        self._features = {
+            m: torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            for m, idx in features.items()
+            if not data.complete_features(m)
+        } or None
 
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)
@@ -60,6 +67,7 @@ class InMemoryLoader:
             library=library,
             covariates=torch.from_numpy(self._covariates[cells]),
             observed=observed,
+            features=self._features,
         )
 
     def __iter__(self) -> Iterator[Batch]:

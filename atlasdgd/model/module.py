@@ -25,8 +25,11 @@ class Batch:
     index: torch.Tensor  # [B] long: rows of the representation table
     counts: dict[str, torch.Tensor]  # modality -> [B, F_m] float counts
     library: dict[str, torch.Tensor]  # modality -> [B] total counts
-    covariates: torch.Tensor | None = None  # [B, Q] long class codes, in config.covariates order
+    covariates: torch.Tensor | None = None  # [B, Q] long class codes in config.covariates order; -1 = unknown
     observed: dict[str, torch.Tensor] | None = None  # modality -> [B] bool; None = all observed
+    # modality -> long indices of the model features that ``counts`` holds (query data measuring
+    # only some features); None = all features. Fractions are renormalised over these features.
+    features: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -113,7 +116,15 @@ class DGDModule(nn.Module):
         log_y = self.decoder(z, list(batch.counts))
         recon = {}
         for m, x in batch.counts.items():
-            nll = -nb_log_prob_rows(x, log_y[m], batch.library[m], self.dispersion(m))
+            log_fraction, r = log_y[m], self.dispersion(m)
+            if batch.features is not None and m in batch.features:
+                # features the cell was not measured on are left out of the likelihood, not read as
+                # zeros: the fractions are renormalised over the measured ones
+                idx = batch.features[m]
+                log_fraction = log_fraction.index_select(1, idx)
+                log_fraction = log_fraction - torch.logsumexp(log_fraction, dim=1, keepdim=True)
+                r = r.index_select(0, idx)
+            nll = -nb_log_prob_rows(x, log_fraction, batch.library[m], r)
             if batch.observed is not None and m in batch.observed:
                 nll = nll * batch.observed[m]
             recon[m] = nll
@@ -121,8 +132,18 @@ class DGDModule(nn.Module):
         cov_terms = {}
         for q, (name, gmm) in enumerate(self.covariate_gmms.items()):
             scale = gmm.n_components if self.config.covariate_loss_scale == "n_classes" else 1.0
-            cov_terms[name] = -scale * gmm.class_log_prob(covs[name], batch.covariates[:, q])
+            cov_terms[name] = -scale * self._covariate_log_prob(gmm, covs[name], batch.covariates[:, q])
         return LossTerms(recon, -self.basal.log_prob(basal), cov_terms)
+
+    @staticmethod
+    def _covariate_log_prob(gmm: GaussianMixture, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Supervised score for cells whose class is known, the mixture marginal where it is not (-1)."""
+        known = codes >= 0
+        if bool(known.all()):
+            return gmm.class_log_prob(z, codes)
+        if not bool(known.any()):
+            return gmm.log_prob(z)
+        return torch.where(known, gmm.class_log_prob(z, codes.clamp_min(0)), gmm.log_prob(z))
 
     def hyperprior_log_prob(self) -> torch.Tensor:
         """log p(phi) of the basal and all covariate mixtures."""

@@ -1,0 +1,110 @@
+"""Mapping new cells: representations for a query under a frozen decoder and mixtures.
+
+Candidate search (:mod:`atlasdgd.infer.candidates`) picks each cell's start; representation-only
+Adam refines it (spec section 2.1). The optional two-step variant refines the best few candidates
+of every cell for a few epochs each and keeps the one that ends lowest, at the cost of that many
+extra short fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from atlasdgd.data.loader import InMemoryLoader
+from atlasdgd.infer.candidates import DEFAULT_MEMORY_BUDGET, candidate_search, chunk_cells
+from atlasdgd.model.module import DGDModule
+from atlasdgd.optim.row_adam import RepresentationTable
+from atlasdgd.train.trainer import fit_representations
+
+
+@dataclass
+class MappingOptions:
+    """How new cells are mapped (defaults follow the spec)."""
+
+    epochs: int = 20  # representation-only refinement epochs (100 recommended for large queries)
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes for one chunk of the candidate search
+    two_step: int = 0  # 0: off; m >= 2: refine each cell's m best candidates, keep the best
+    two_step_epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1e-2
+    betas: tuple[float, float] = (0.5, 0.7)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.two_step == 1 or self.two_step < 0:
+            raise ValueError(f"two_step must be 0 (off) or >= 2 candidates, got {self.two_step}")
+
+
+@dataclass
+class Mapping:
+    values: np.ndarray  # [N, D] full representations
+    loss: np.ndarray  # [N] final per-cell loss (reconstruction + priors)
+    recon_per_feature: np.ndarray  # [N] reconstruction NLL per measured feature
+    search_loss: np.ndarray  # [N] loss at the chosen candidate, before refinement
+    curve: list[float]  # refinement: reconstruction NLL per feature per epoch
+
+
+@torch.no_grad()
+def cell_losses(module: DGDModule, loader, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell total loss and reconstruction NLL per measured feature at ``values``."""
+    n = values.shape[0]
+    total, recon, n_feat = np.zeros(n), np.zeros(n), np.zeros(n)
+    for batch in loader:
+        terms = module.losses(batch, values[batch.index])
+        idx = batch.index.numpy()
+        total[idx] = terms.per_cell().numpy()
+        recon[idx] = terms.reconstruction_total().numpy()
+        for m, x in batch.counts.items():
+            observed = np.ones(len(idx)) if batch.observed is None else batch.observed[m].numpy()
+            n_feat[idx] += observed * x.shape[1]
+    return total, recon / np.maximum(n_feat, 1)
+
+
+def map_cells(module: DGDModule, data, options: MappingOptions | None = None, rows: np.ndarray | None = None,
+              progress: bool = False, start: np.ndarray | None = None) -> Mapping:
+    """Representations for ``rows`` of ``data`` (a :class:`~atlasdgd.infer.query.Query` or
+    :class:`~atlasdgd.data.cells.CellData`) with ``module`` frozen.
+
+    ``start`` (``[len(rows), D]``) replaces the candidate search (for example an encoder's output).
+    """
+    opt = options or MappingOptions()
+    module.eval()
+    rows = np.arange(data.n_cells) if rows is None else np.asarray(rows)
+    n = len(rows)
+
+    def loader(batch_size: int, shuffle: bool) -> InMemoryLoader:
+        return InMemoryLoader(data, rows, batch_size, shuffle=shuffle, seed=opt.seed)
+
+    train_loader = loader(opt.batch_size, True)
+    if start is not None:
+        start = torch.as_tensor(start, dtype=torch.float32)
+        search_loss = torch.from_numpy(cell_losses(module, loader(opt.batch_size, False), start)[0])[:, None]
+    else:
+        keep = max(1, opt.two_step)
+        starts, search_loss = candidate_search(module, loader(chunk_cells(module, opt.memory_budget), False), n, keep,
+                                               progress=progress)
+        start = starts[:, 0] if keep == 1 else _two_step(module, starts, train_loader, loader(opt.batch_size, False),
+                                                         opt, progress)
+    table = RepresentationTable(start, opt.lr, opt.betas)
+    curve = fit_representations(module, train_loader, table, opt.epochs, progress=progress, desc="refining")
+    loss, recon = cell_losses(module, loader(opt.batch_size, False), table.values)
+    return Mapping(table.values.numpy(), loss, recon, search_loss[:, 0].numpy(), curve)
+
+
+def _two_step(module: DGDModule, starts: torch.Tensor, train_loader, eval_loader, opt: MappingOptions,
+              progress: bool) -> torch.Tensor:
+    """Refine each cell's shortlisted candidates briefly; the one that ends lowest per cell."""
+    ends, end_loss = [], []
+    for j in range(starts.shape[1]):
+        table = RepresentationTable(starts[:, j], opt.lr, opt.betas)
+        fit_representations(module, train_loader, table, opt.two_step_epochs, progress=progress,
+                            desc=f"two-step candidate {j + 1}/{starts.shape[1]}")
+        ends.append(table.values)
+        end_loss.append(torch.from_numpy(cell_losses(module, eval_loader, table.values)[0]))
+    choice = torch.stack(end_loss, 1).argmin(1)
+    return torch.stack(ends, 1)[torch.arange(starts.shape[0]), choice]
