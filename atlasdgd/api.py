@@ -22,9 +22,9 @@ from atlasdgd.data.adapters import prepare
 from atlasdgd.data.cells import SPLIT_KEY, CellData
 from atlasdgd.data.loader import InMemoryLoader
 from atlasdgd.errors import AtlasDGDError
-from atlasdgd.infer.labels import transfer_labels
 from atlasdgd.infer.library import LibraryModel
 from atlasdgd.infer.new_classes import learn_new_classes
+from atlasdgd.infer.outputs import CLUSTER_KEY, EMBEDDING_KEY, append_cells, mapped_cells_table, predicted_modalities
 from atlasdgd.infer.query import DEFAULT_MIN_OVERLAP, Query, align_query
 from atlasdgd.infer.mapping import MappingOptions, map_cells
 from atlasdgd.model.config import ModelConfig
@@ -34,8 +34,6 @@ from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.init import mixture_start, pca_representations
 from atlasdgd.train.trainer import Trainer
 
-EMBEDDING_KEY = "X_dgd"
-CLUSTER_KEY = "dgd_cluster"
 
 
 class DGD:
@@ -290,9 +288,9 @@ class DGD:
         if new_covariate_classes and aligned.unseen_classes:
             self._learn_new_classes(aligned, options, progress)
         mapping = map_cells(self.module, aligned, options, progress=progress)
-        table = self._query_table(aligned, mapping)
+        table = mapped_cells_table(self.module, self.vocab, aligned.obs, mapping)
         if add_to_atlas:
-            self._add_cells(table)
+            self.cells = append_cells(self.cells, table, self.vocab, self.model_config.n_components)
         return table
 
     def _learn_new_classes(self, aligned: Query, options: MappingOptions, progress: bool) -> None:
@@ -305,49 +303,6 @@ class DGD:
         for key, names in aligned.unseen_classes.items():
             self.vocab.covariates[key] = list(self.vocab.covariates[key]) + list(names)
         aligned.unseen_classes = {}
-
-    def _query_table(self, aligned: Query, mapping) -> ad.AnnData:
-        mc = self.model_config
-        obs = aligned.obs.copy()
-        z = torch.from_numpy(mapping.values)
-        with torch.no_grad():
-            basal, covs = self.module.split_representation(z)
-            obs[CLUSTER_KEY] = pd.Categorical(self.module.basal.cluster(basal).numpy(), categories=range(mc.n_components))
-            if any(lab is not None for lab in self.vocab.component_labels):
-                labels, confidence = transfer_labels(self.module.basal.posterior(basal).numpy(), self.vocab.component_labels)
-                obs["dgd_label"] = pd.Categorical(labels)
-                obs["dgd_label_confidence"] = confidence
-            for q, (key, gmm) in enumerate(self.module.covariate_gmms.items()):
-                # the class each cell's covariate block sits closest to (its own where it was known)
-                names = np.asarray(self.vocab.covariates[key], dtype=object)
-                obs[f"dgd_{key}"] = pd.Categorical(names[gmm.cluster(covs[key]).numpy()], categories=list(names))
-        obs["dgd_nll_per_feature"] = mapping.recon_per_feature
-        obsm = {EMBEDDING_KEY: basal.numpy().copy()}
-        obsm.update({f"{EMBEDDING_KEY}_{k}": v.numpy().copy() for k, v in covs.items()})
-        return ad.AnnData(obs=obs, obsm=obsm)
-
-    def _add_cells(self, table: ad.AnnData) -> None:
-        """Append mapped cells to the atlas's cell table (split ``mapped``)."""
-        old = self.cells
-        obs = pd.DataFrame(index=table.obs.index)
-        for col in old.obs.columns:
-            if col == SPLIT_KEY:
-                obs[col] = "mapped"
-            elif col == self.vocab.label_key:
-                source = col if col in table.obs else "dgd_label" if "dgd_label" in table.obs else None
-                obs[col] = table.obs[source].astype(object).to_numpy() if source else None
-            elif col in table.obs:
-                obs[col] = table.obs[col].astype(object).to_numpy()
-            elif col in self.vocab.covariates and f"dgd_{col}" in table.obs:
-                obs[col] = table.obs[f"dgd_{col}"].astype(object).to_numpy()
-        both = pd.concat([old.obs.astype(object), obs.astype(object)])
-        for col in both.columns:
-            if col == CLUSTER_KEY:
-                both[col] = pd.Categorical(both[col].astype(int), categories=range(self.model_config.n_components))
-            else:
-                both[col] = pd.Categorical(both[col].where(both[col].notna(), None))
-        obsm = {k: np.concatenate([old.obsm[k], table.obsm[k]]) for k in old.obsm}
-        self.cells = ad.AnnData(obs=both, obsm=obsm)
 
     def predict(self, query, *, epochs: int = 20, two_step: int = 0, memory_budget: int | None = None,
                 layer=None, modality: str | None = None, modality_key: str | None = None,
@@ -365,28 +320,8 @@ class DGD:
         aligned = self.align(query, layer=layer, modality=modality, modality_key=modality_key, min_overlap=min_overlap)
         options = self.mapping_options(epochs=epochs, two_step=two_step, memory_budget=memory_budget)
         mapping = map_cells(self.module, aligned, options, progress=progress)
-        table = self._query_table(aligned, mapping)
-        measured = {m: aligned.library(m) for m in aligned.modalities}
-        with torch.no_grad():
-            log_y = self.module.log_fractions(torch.from_numpy(mapping.values))
-        out = {}
-        for m, features in self.vocab.features.items():
-            y = torch.exp(log_y[m]).numpy()
-            observed = aligned.observed[m]
-            library, source = self.library_model.predict(m, measured, aligned.observed)
-            if m in measured:
-                # measured library covers only the measured features: scale to all of them
-                covered = y[:, aligned.features[m]].sum(axis=1)
-                library = np.where(observed, measured[m] / np.maximum(covered, 1e-12), library).astype(np.float32)
-                source = np.where(observed, "measured", source)
-            obs = table.obs.copy()
-            obs["dgd_library"] = library
-            obs["dgd_library_source"] = pd.Categorical(source)
-            var = pd.DataFrame(index=pd.Index(features, name=None))
-            var["dgd_dispersion"] = self.module.dispersion(m).detach().numpy()
-            out[m] = ad.AnnData(X=y.astype(np.float32), obs=obs, var=var, obsm=dict(table.obsm),
-                                layers={"dgd_mean": (y * library[:, None]).astype(np.float32)})
-        return out
+        table = mapped_cells_table(self.module, self.vocab, aligned.obs, mapping)
+        return predicted_modalities(self.module, self.vocab, self.library_model, aligned, mapping.values, table)
 
     def perturb(self, query, genes: list[str], *, group_by: str | None = None, steps: int = 1,
                 lr: float | None = None, epochs: int = 20, modality: str | None = None, layer=None,
@@ -406,7 +341,8 @@ class DGD:
         if group_by is not None and group_by not in query.obs.columns:
             raise AtlasDGDError(f"group-by key {group_by!r} is not a column of the query's obs "
                                 f"(columns: {list(query.obs.columns)[:20]})")
-        gene_modality = modality or next(iter(self.vocab.features))
+        gene_modality = modality or next((m for m, f in self.vocab.features.items() if genes and genes[0] in f),
+                                         next(iter(self.vocab.features)))
         aligned = self.align(query, layer=layer, modality=gene_modality, modality_key=modality_key,
                              min_overlap=min_overlap)
         mapping = map_cells(self.module, aligned, self.mapping_options(epochs=epochs), progress=progress)

@@ -73,7 +73,7 @@ def _add_query_options(p, epochs_help: str = "refinement epochs after the candid
     p.add_argument("query", help="query .h5ad / .h5mu / AnnData .zarr with raw counts")
     p.add_argument("--epochs", type=int, default=20, help=epochs_help)
     p.add_argument("--layer", help="layer with raw counts instead of X")
-    p.add_argument("--modality", help="model modality an AnnData query holds (default: the model's first)")
+    p.add_argument("--modality", help="model modality an AnnData query holds (default: the one sharing most feature names)")
     p.add_argument("--modality-key", help="var column naming each feature's modality (AnnData with several)")
     p.add_argument("--min-overlap", type=float, default=0.5,
                    help="smallest fraction of a modality's model features the query must have (default 0.5)")

@@ -24,7 +24,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 import atlasdgd
 from atlasdgd.data.adapters import read_input

@@ -62,6 +62,15 @@ class Query:
         return len(self.features[modality]) == self.n_model_features[modality]
 
 
+def _best_matching_modality(data, features: dict[str, list[str]], modality_key: str | None) -> str:
+    """The model modality whose feature names an AnnData query shares most (MuData: irrelevant)."""
+    if hasattr(data, "mod") or modality_key is not None or len(features) == 1:
+        return next(iter(features))
+    names = pd.Index(np.asarray(data.var_names).astype(str))
+    shared = {m: len(names.intersection(pd.Index(f))) for m, f in features.items()}
+    return max(shared, key=shared.get)
+
+
 def align_query(
     data,
     features: dict[str, list[str]],
@@ -78,11 +87,12 @@ def align_query(
         data: AnnData (one modality, or several with ``modality_key``) or MuData with raw counts.
         features: the model's feature names per modality.
         covariates: the model's covariate classes per covariate key.
-        modality: which model modality a single-modality AnnData holds (default: the model's first).
+        modality: which model modality a single-modality AnnData holds (default: the one whose
+            feature names it shares most).
         min_overlap: smallest fraction of a modality's model features the query must measure.
     """
     if modality is None:
-        modality = next(iter(features))
+        modality = _best_matching_modality(data, features, modality_key)
     mods, observed = read_modalities(data, layer, modality_key, modality)
     unknown = [m for m in mods if m not in features]
     if unknown and len(unknown) == len(mods):
