@@ -21,7 +21,7 @@ import numpy as np
 import atlasdgd
 from atlasdgd.data.adapters import read_input
 from atlasdgd.data.loader import InMemoryLoader
-from atlasdgd.infer.encoder import encode, train_encoder
+from _encoder import encode, train_encoder
 from atlasdgd.infer.mapping import map_cells
 
 from _data import KANG, SNARE, require

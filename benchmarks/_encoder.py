@@ -1,5 +1,9 @@
 """A post-hoc encoder: normalised counts -> learned representations, as a start for mapping.
 
+Experimental, kept here for benchmarks/encoder_start.py only: measured on Kang PBMC and SNARE-seq it
+did not beat the candidate search as a mapping start (see that script and the README), so it is not
+part of the package.
+
 The DGD papers suggest training an encoder after the decoder, on the learned representations, to
 replace the candidate search when mapping. Input: per modality log1p(counts / library x 1e4) over
 the model's features (unmeasured features and modalities are 0) plus an observed flag per modality;
