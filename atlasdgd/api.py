@@ -20,7 +20,6 @@ import torch
 from atlasdgd.artifact import ModelFiles, Vocabulary, read_model, write_model
 from atlasdgd.data.adapters import prepare
 from atlasdgd.data.cells import SPLIT_KEY, CellData
-from atlasdgd.data.loader import InMemoryLoader
 from atlasdgd.errors import AtlasDGDError
 from atlasdgd.infer.library import LibraryModel
 from atlasdgd.infer.new_classes import learn_new_classes
@@ -41,7 +40,9 @@ class DGD:
 
     Args:
         data: AnnData or MuData with raw counts (see :func:`atlasdgd.data.adapters.prepare` for
-            ``modalities``, ``layer``, ``modality_key`` and ``split_key``).
+            ``modalities``, ``layer``, ``modality_key`` and ``split_key``), or the URI of an atlas store
+            (``atlasdgd ingest``; zarr or TileDB-SOMA), streamed from disk or object storage. A store
+            carries its split, label and covariate columns (defaults for the keys).
         label_key: obs column of cell-type labels: sets the number of mixture components and
             gives each component a label.
         covariate_keys: obs columns of categorical covariates (batch, donor, ...) to model with
@@ -74,24 +75,25 @@ class DGD:
         self.train_config = TrainConfig(seed=seed)
         if data is None:  # filled by load()
             return
-        self.data: CellData | None = prepare(
-            data,
-            label_key=label_key,
-            covariate_keys=list(covariate_keys),
-            modalities=modalities,
-            layer=layer,
-            modality_key=modality_key,
-            split_key=split_key,
-            split_fractions=split_fractions,
-            seed=seed,
-        )
+        if isinstance(data, (str, Path)):  # an atlas store (zarr or TileDB-SOMA) at a URI
+            from atlasdgd.store.cells import open_store
+
+            data = open_store(str(data), label_key=label_key, covariate_keys=list(covariate_keys) or None,
+                              modalities=modalities)
+        if _is_store(data):
+            self.data = data
+            label_key = data.label_key
+        else:
+            self.data = prepare(data, label_key=label_key, covariate_keys=list(covariate_keys), modalities=modalities,
+                                layer=layer, modality_key=modality_key, split_key=split_key,
+                                split_fractions=split_fractions, seed=seed)
         labels = self.data.label_classes()
         if n_components is None:
             n_components = len(labels) if labels else 1
         if n_components < 1:
             raise AtlasDGDError(f"n_components must be >= 1, got {n_components}")
         self.model_config = ModelConfig(
-            modalities={m: x.shape[1] for m, x in self.data.counts.items()},
+            modalities={m: len(self.data.feature_names[m]) for m in self.data.modalities},
             latent_dim=latent_dim,
             n_components=n_components,
             covariates={k: len(v) for k, v in self.data.covariate_classes().items()},
@@ -127,8 +129,8 @@ class DGD:
         def table(split: str) -> RepresentationTable:
             return RepresentationTable(torch.from_numpy(init[rows[split]]), cfg.lr_representation, cfg.betas)
 
-        def loader(split: str, shuffle: bool = True) -> InMemoryLoader:
-            return InMemoryLoader(data, rows[split], cfg.batch_size, shuffle=shuffle, seed=cfg.seed)
+        def loader(split: str, shuffle: bool = True):
+            return data.loader(rows[split], cfg.batch_size, shuffle=shuffle, seed=cfg.seed)
 
         tables = {s: table(s) for s in rows}
         has_val = len(rows["validation"]) > 0
@@ -180,9 +182,12 @@ class DGD:
             for q in range(codes.shape[1]):
                 groups = groups * (codes[:, q].max() + 1) + codes[:, q]
             train_mask = (data.obs[SPLIT_KEY] == "train").to_numpy()
-            values[:, : mc.latent_dim] = pca_representations(
-                data.counts, groups, mc.latent_dim, mc.radius, seed=cfg.seed, fit_mask=train_mask
-            )
+            if _is_store(data):  # fitted on a sample, every cell projected block by block
+                values[:, : mc.latent_dim] = data.pca_start(groups, mc.latent_dim, mc.radius, cfg.seed, train_mask)
+            else:
+                values[:, : mc.latent_dim] = pca_representations(
+                    data.counts, groups, mc.latent_dim, mc.radius, seed=cfg.seed, fit_mask=train_mask
+                )
         with torch.no_grad():
             for q, name in enumerate(mc.covariates):
                 block = slice(mc.latent_dim + q * mc.covariate_dim, mc.latent_dim + (q + 1) * mc.covariate_dim)
@@ -389,3 +394,9 @@ def _query_vars(query, modality: str) -> dict[str, pd.DataFrame]:
     if hasattr(query, "mod"):
         return {m: a.var for m, a in query.mod.items()}
     return {modality: query.var}
+
+
+def _is_store(data) -> bool:
+    from atlasdgd.store.cells import StoreCells
+
+    return isinstance(data, StoreCells)

@@ -1,6 +1,7 @@
 """Command line: thin wrappers that parse arguments and call the Python API.
 
     atlasdgd simulate --out atlas.h5mu --cells 5000 --peaks 2000
+    atlasdgd ingest atlas.h5mu s3://bucket/atlas.zarr --label-key cell_type --covariate-key batch --shuffle
     atlasdgd train atlas.h5mu --out model --label-key cell_type --covariate-key batch
     atlasdgd embed model --out cells.h5ad
     atlasdgd map model query.h5ad --out mapped.h5ad [--new-covariate-classes --save-model model2]
@@ -23,7 +24,8 @@ from atlasdgd.errors import AtlasDGDError
 
 def _add_simulate(sub) -> None:
     p = sub.add_parser("simulate", help="write a synthetic atlas with known truth (.h5ad, or .h5mu with --peaks/--proteins)")
-    p.add_argument("--out", required=True, help="output file: .h5ad (RNA only) or .h5mu")
+    p.add_argument("--out", required=True,
+                   help="output file: .h5ad (RNA only) or .h5mu; or an atlas store: a .zarr path or any fsspec URI")
     p.add_argument("--cells", type=int, default=5000)
     p.add_argument("--types", type=int, default=8, help="cell types (clusters in the true latent space)")
     p.add_argument("--batches", type=int, default=3)
@@ -36,9 +38,32 @@ def _add_simulate(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_storage_option(p) -> None:
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec option for the store URI, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)")
+
+
+def _add_ingest(sub) -> None:
+    p = sub.add_parser("ingest", help="convert .h5ad/.h5mu/AnnData .zarr into an atlas store, out of core")
+    p.add_argument("input", help="input .h5ad, .h5mu or AnnData .zarr with raw counts")
+    p.add_argument("store", help="store URI: a path, file://, memory://, s3://...; soma:///path for TileDB-SOMA")
+    p.add_argument("--label-key", help="obs column with cell-type labels to carry")
+    p.add_argument("--covariate-key", action="append", default=[], help="obs column of a covariate (repeatable)")
+    p.add_argument("--split-key", help="obs column with train/validation/test (default: stratified 80/10/10)")
+    p.add_argument("--layer", help="layer with raw counts instead of X")
+    p.add_argument("--shuffle", action="store_true", help="store cells in a seeded random order")
+    p.add_argument("--min-cells-fraction", type=float, default=0.0,
+                   help="keep features detected in at least this fraction of cells (default: keep all)")
+    p.add_argument("--chunk-cells", type=int, default=4096, help="cells per read block / storage chunk")
+    p.add_argument("--seed", type=int, default=0)
+    _add_storage_option(p)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a DGD model on an .h5ad/.h5mu file")
-    p.add_argument("data", help="input .h5ad, .h5mu or AnnData .zarr with raw counts")
+    p.add_argument("data", help="input .h5ad, .h5mu or AnnData .zarr with raw counts, or an atlas store URI")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--label-key", help="obs column with cell-type labels (sets the number of mixture components)")
     p.add_argument("--covariate-key", action="append", default=[], help="obs column of a batch-like covariate (repeatable)")
@@ -57,6 +82,7 @@ def _add_train(sub) -> None:
     p.add_argument("--init", choices=["pca", "zero"], default=None, help="initial representations")
     p.add_argument("--gmm-init", choices=["auto", "labels", "kmeans", "leiden"], default=None,
                    help="mixture start (auto: label classes when --label-key is given, else k-means)")
+    _add_storage_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -153,19 +179,61 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlasdgd", description="Deep Generative Decoder models for single-cell atlases")
     parser.add_argument("--version", action="version", version=f"atlasdgd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_train, _add_embed, _add_map, _add_predict, _add_perturb, _add_sample, _add_evaluate,
+    for add in (_add_simulate, _add_ingest, _add_train, _add_embed, _add_map, _add_predict, _add_perturb, _add_sample, _add_evaluate,
                 _add_demo):
         add(sub)
     return parser
 
 
+def _is_store_uri(target: str) -> bool:
+    """A store rather than a file: a URI with a scheme, a .zarr directory holding a store manifest,
+    or a TileDB-SOMA experiment."""
+    from atlasdgd.store.format import MANIFEST
+    from atlasdgd.store.soma import is_soma
+
+    if "://" in target:
+        return True
+    p = Path(target)
+    return (p / MANIFEST).exists() or is_soma(target)
+
+
 def cmd_simulate(args) -> None:
-    from atlasdgd.simulate import SimulationConfig, write_simulation
+    from atlasdgd.simulate import SimulationConfig, write_simulation, write_simulation_store
 
     cfg = SimulationConfig(n_cells=args.cells, n_types=args.types, n_batches=args.batches, n_genes=args.genes,
                            n_peaks=args.peaks, n_proteins=args.proteins, batch_effect=args.batch_effect, seed=args.seed)
+    if "://" in args.out or args.out.rstrip("/").endswith(".zarr"):
+        write_simulation_store(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+        print(f"wrote {args.cells} cells ({', '.join(cfg.modalities)}) to the atlas store {args.out}")
+        return
     write_simulation(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {args.cells} cells ({', '.join(cfg.modalities)}) to {args.out}")
+
+
+def _storage_options(args) -> dict | None:
+    options = _pairs(args.storage_option, "--storage-option")
+    return options or None
+
+
+def cmd_ingest(args) -> None:
+    from atlasdgd.store.soma import SCHEME, ingest_soma
+
+    if args.store.startswith(SCHEME):
+        out = ingest_soma(args.input, args.store, label_key=args.label_key, covariate_keys=args.covariate_key,
+                          split_key=args.split_key, layer=args.layer, seed=args.seed, overwrite=args.overwrite,
+                          chunk_cells=args.chunk_cells)
+    else:
+        from atlasdgd.store.ingest import ingest
+
+        out = ingest(args.input, args.store, label_key=args.label_key, covariate_keys=args.covariate_key,
+                     split_key=args.split_key, layer=args.layer, shuffle=args.shuffle,
+                     min_cells_fraction=args.min_cells_fraction, chunk_cells=args.chunk_cells, seed=args.seed,
+                     overwrite=args.overwrite, storage_options=_storage_options(args), progress=not args.quiet)
+    from atlasdgd.store.cells import open_store
+
+    cells = open_store(out, _storage_options(args) if not args.store.startswith(SCHEME) else None)
+    sizes = ", ".join(f"{m} {cells.n_features(m)}" for m in cells.modalities)
+    print(f"ingested {cells.n_cells} cells ({sizes} features) into {args.store}")
 
 
 def cmd_train(args) -> None:
@@ -174,9 +242,15 @@ def cmd_train(args) -> None:
     from atlasdgd.data.adapters import read_input
 
     check_writable_target(args.out, args.overwrite)
-    if not Path(args.data).exists():
+    if _is_store_uri(args.data):
+        from atlasdgd.store.cells import open_store
+
+        data = open_store(args.data, _storage_options(args), label_key=args.label_key,
+                          covariate_keys=args.covariate_key or None, modalities=args.modality)
+    elif not Path(args.data).exists():
         raise AtlasDGDError(f"input {args.data!r} does not exist")
-    data = read_input(args.data)
+    else:
+        data = read_input(args.data)
     model = DGD(data, label_key=args.label_key, covariate_keys=args.covariate_key, modalities=args.modality,
                 layer=args.layer, modality_key=args.modality_key, split_key=args.split_key,
                 latent_dim=args.latent_dim, n_components=args.components, seed=args.seed)
@@ -373,7 +447,7 @@ def cmd_demo(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    handler = {"simulate": cmd_simulate, "train": cmd_train, "embed": cmd_embed, "map": cmd_map,
+    handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "train": cmd_train, "embed": cmd_embed, "map": cmd_map,
                "predict": cmd_predict, "perturb": cmd_perturb, "sample": cmd_sample, "evaluate": cmd_evaluate,
                "demo": cmd_demo}[args.command]
     try:

@@ -276,3 +276,53 @@ def write_simulation(cfg: SimulationConfig, path: str, overwrite: bool = False, 
                 header = b"MuData (format-version=0.1.0;creator=atlasdgd)"
                 fh.write(header + b"\0" * (512 - len(header)))
     return str(path)
+
+
+def write_simulation_store(cfg: SimulationConfig, uri: str, overwrite: bool = False, progress: bool = True,
+                           split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                           storage_options: dict | None = None) -> str:
+    """Simulate straight into an atlas store (label ``cell_type``, covariate ``batch``, stratified
+    split), one chunk of cells at a time: memory stays at one chunk plus the cell table."""
+    from tqdm.auto import tqdm
+
+    from atlasdgd import __version__
+    from atlasdgd.data.cells import SPLIT_KEY
+    from atlasdgd.data.split import as_split_categorical, stratified_split
+    from atlasdgd.store.format import StoreManifest
+    from atlasdgd.store.zarr_store import StoreWriter
+
+    truth = _truth(cfg)
+    expected = {"rna": cfg.rna_library, "atac": cfg.atac_library, "protein": cfg.protein_library}
+    sizes = {m: len(truth.var[m]) for m in cfg.modalities}
+    # expected non-zeros per cell only size the chunks: at most the library, at most the features
+    writer = StoreWriter(uri, cfg.n_cells, {m: (sizes[m], min(sizes[m], expected[m])) for m in cfg.modalities},
+                         chunk_cells=CHUNK_CELLS, overwrite=overwrite, storage_options=storage_options)
+    try:
+        obs_parts, libraries = [], {m: [] for m in cfg.modalities}
+        detected = {m: np.zeros(sizes[m], np.int64) for m in cfg.modalities}
+        totals = {m: np.zeros(sizes[m]) for m in cfg.modalities}
+        n_chunks = -(-cfg.n_cells // CHUNK_CELLS)
+        for obs, counts, _ in tqdm(iter_chunks(cfg, truth), total=n_chunks, desc="simulating", unit="chunk",
+                                   disable=not progress):
+            for m, x in counts.items():
+                writer.append(m, x)
+                libraries[m].append(np.asarray(x.sum(axis=1)).ravel())
+                detected[m] += np.bincount(x.indices, minlength=sizes[m])
+                totals[m] += np.asarray(x.sum(axis=0)).ravel()
+            obs_parts.append(obs)
+        obs = pd.concat(obs_parts)
+        strata = obs["cell_type"].astype(str) + "|" + obs["batch"].astype(str)
+        obs[SPLIT_KEY] = as_split_categorical(stratified_split(strata, len(obs), split_fractions, cfg.seed))
+        for m in cfg.modalities:
+            obs[f"library_{m}"] = np.concatenate(libraries[m]).astype(np.float32)
+            obs[f"observed_{m}"] = True
+        var = {m: truth.var[m].assign(n_cells_detected=detected[m], total_counts=totals[m]) for m in cfg.modalities}
+        manifest = StoreManifest(
+            n_cells=cfg.n_cells, modalities={m: {"n_features": sizes[m], "nnz": int(detected[m].sum())} for m in cfg.modalities},
+            label_key="cell_type", covariate_keys=["batch"], obs_columns=list(obs.columns), chunk_cells=CHUNK_CELLS,
+            source=f"atlasdgd simulate {json.dumps(dataclasses.asdict(cfg))}", atlasdgd_version=__version__,
+        )
+        return writer.finish(obs, var, manifest)
+    except BaseException:
+        writer.abort()
+        raise

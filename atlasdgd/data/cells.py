@@ -62,3 +62,9 @@ class CellData:
 
     def split_rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.obs[SPLIT_KEY].to_numpy() == split)
+
+    def loader(self, rows: np.ndarray, batch_size: int = 128, shuffle: bool = True, seed: int = 0):
+        """Minibatches of ``rows`` (every data source has this: in memory, zarr store, SOMA)."""
+        from atlasdgd.data.loader import InMemoryLoader
+
+        return InMemoryLoader(self, rows, batch_size, shuffle=shuffle, seed=seed)

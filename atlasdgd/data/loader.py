@@ -2,7 +2,8 @@
 
 Yields :class:`~atlasdgd.model.module.Batch` objects whose ``index`` is the position of each cell
 within ``rows``, i.e. its row in the representation table of that split. The order is a pure
-function of (seed, epoch), so runs are reproducible.
+function of (seed, epoch), so runs are reproducible; with a ``plan``
+(:class:`~atlasdgd.store.loader.BlockShufflePlan`) it is exactly the streaming loader's order.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ class InMemoryLoader:
         batch_size: int = 128,
         shuffle: bool = True,
         seed: int = 0,
+        plan=None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data, self.rows = data, np.asarray(rows, dtype=np.int64)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.epoch = 0
+        self.plan = plan  # optional: batches from a BlockShufflePlan (the streaming loader's order)
         self._library = {m: data.library(m) for m in data.modalities}
         self._covariates = data.covariate_codes()
         self._observed = {m: data.observed[m] for m in data.modalities}
@@ -43,7 +46,7 @@ class InMemoryLoader:
         } or None
 
     def __len__(self) -> int:
-        return -(-len(self.rows) // self.batch_size)
+        return self.plan.n_steps if self.plan is not None else -(-len(self.rows) // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -71,6 +74,10 @@ class InMemoryLoader:
         )
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.plan is not None:
+            for positions in self.plan.batches(self.epoch):
+                yield self.batch(positions)
+            return
         order = self.order()
         for start in range(0, len(order), self.batch_size):
             yield self.batch(order[start : start + self.batch_size])

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from atlasdgd.data.loader import InMemoryLoader
 from atlasdgd.infer.candidates import DEFAULT_MEMORY_BUDGET, candidate_search, chunk_cells
 from atlasdgd.model.module import DGDModule
 from atlasdgd.optim.row_adam import RepresentationTable
@@ -77,8 +76,8 @@ def map_cells(module: DGDModule, data, options: MappingOptions | None = None, ro
     rows = np.arange(data.n_cells) if rows is None else np.asarray(rows)
     n = len(rows)
 
-    def loader(batch_size: int, shuffle: bool) -> InMemoryLoader:
-        return InMemoryLoader(data, rows, batch_size, shuffle=shuffle, seed=opt.seed)
+    def loader(batch_size: int, shuffle: bool):
+        return data.loader(rows, batch_size, shuffle=shuffle, seed=opt.seed)
 
     train_loader = loader(opt.batch_size, True)
     if start is not None:

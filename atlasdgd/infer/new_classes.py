@@ -16,7 +16,6 @@ import math
 import numpy as np
 import torch
 
-from atlasdgd.data.loader import InMemoryLoader
 from atlasdgd.infer.candidates import candidate_search, chunk_cells
 from atlasdgd.infer.mapping import MappingOptions
 from atlasdgd.model.config import ModelConfig
@@ -82,7 +81,7 @@ def learn_new_classes(
     rows = np.flatnonzero(new_mask)
 
     # start: candidate search over the known classes (codes still -1), new means from its choice
-    search = InMemoryLoader(data, rows, chunk_cells(module, options.memory_budget), shuffle=False)
+    search = data.loader(rows, chunk_cells(module, options.memory_budget), shuffle=False)
     starts, _ = candidate_search(module, search, len(rows), progress=progress)
     start = starts[:, 0]
     L, d = module.config.latent_dim, module.config.covariate_dim
@@ -113,7 +112,7 @@ def learn_new_classes(
             params.append(p)
     optimizer = torch.optim.Adam(params, lr=options.lr, betas=options.betas)
     table = RepresentationTable(start, options.lr, options.betas)
-    loader = InMemoryLoader(data, rows, options.batch_size, shuffle=True, seed=options.seed)
+    loader = data.loader(rows, options.batch_size, shuffle=True, seed=options.seed)
     for epoch in tqdm(range(options.epochs), desc="learning new classes", unit="epoch", disable=not progress,
                       dynamic_ncols=True):
         loader.set_epoch(epoch)

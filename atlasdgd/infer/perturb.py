@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from atlasdgd.data.loader import InMemoryLoader
 from atlasdgd.errors import InputError
 from atlasdgd.model.module import DGDModule
 from atlasdgd.model.nb import nb_log_prob
@@ -80,7 +79,7 @@ def perturb_genes(
         sums = {m: np.zeros((len(group_names), module.config.modalities[m])) for m in mods}
         n_cells = np.zeros(len(group_names), dtype=np.int64)
         if len(rows):
-            loader = InMemoryLoader(data, rows, batch_size, shuffle=False)
+            loader = data.loader(rows, batch_size, shuffle=False)
             for batch in loader:
                 cells = rows[batch.index.numpy()]
                 z0 = values_t[cells]

@@ -58,6 +58,11 @@ class Query:
     def covariate_codes(self) -> np.ndarray:
         return self.covariates
 
+    def loader(self, rows: np.ndarray, batch_size: int = 128, shuffle: bool = True, seed: int = 0):
+        from atlasdgd.data.loader import InMemoryLoader
+
+        return InMemoryLoader(self, rows, batch_size, shuffle=shuffle, seed=seed)
+
     def complete_features(self, modality: str) -> bool:
         return len(self.features[modality]) == self.n_model_features[modality]
 

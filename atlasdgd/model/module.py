@@ -30,6 +30,7 @@ class Batch:
     # modality -> long indices of the model features that ``counts`` holds (query data measuring
     # only some features); None = all features. Fractions are renormalised over these features.
     features: dict[str, torch.Tensor] | None = None
+    cells: torch.Tensor | None = None  # [B] global cell rows in a store (streaming loaders)
 
     def __len__(self) -> int:
         return int(self.index.shape[0])

@@ -68,9 +68,23 @@ def pca_representations(
     group_means = np.asarray((fit_onehot.T @ y[fit_pool]).todense()) / counts_per_group[:, None]
 
     fit_rows = np.sort(rng.choice(fit_pool, size=min(len(fit_pool), max_fit_cells), replace=False))
-    yf, gf = y[fit_rows], group_codes[fit_rows]
+    k = min(dim, min(len(fit_rows), f) - 1)
+    if k < 1:
+        return np.zeros((n, dim), dtype=np.float32)
+    v = centred_components(y[fit_rows], group_codes[fit_rows], group_means, k, seed)
+    scores = y @ v - (group_means @ v)[group_codes]
+    z = np.zeros((n, dim))
+    z[:, :k] = scores
+    return scale_to_radius(z, fit_pool, radius)
+
+
+def centred_components(yf: sparse.csr_matrix, gf: np.ndarray, group_means: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Top ``k`` right singular vectors ``[F, k]`` of ``yf`` with each row's group mean subtracted,
+    without densifying (a LinearOperator for svds)."""
+    rng = np.random.default_rng(seed)
+    n_groups = group_means.shape[0]
     op = LinearOperator(
-        (len(fit_rows), f),
+        yf.shape,
         matvec=lambda v: yf @ v - group_means[gf] @ v,
         rmatvec=lambda u: yf.T @ u - group_means.T @ np.bincount(gf, weights=u, minlength=n_groups),
         matmat=lambda v: yf @ v - group_means[gf] @ v,
@@ -78,18 +92,15 @@ def pca_representations(
             (np.ones(len(gf)), (gf, np.arange(len(gf)))), shape=(n_groups, len(gf))) @ u),
         dtype=np.float64,
     )
-    k = min(dim, min(op.shape) - 1)
-    if k < 1:
-        return np.zeros((n, dim), dtype=np.float32)
     _, s, vt = svds(op, k=k, v0=rng.standard_normal(min(op.shape)), random_state=seed)
-    order = np.argsort(s)[::-1]
-    v = vt[order].T
-    scores = y @ v - (group_means @ v)[group_codes]
-    z = np.zeros((n, dim))
-    z[:, :k] = scores
-    mean_norm = np.linalg.norm(z[fit_pool], axis=1).mean()
+    return vt[np.argsort(s)[::-1]].T
+
+
+def scale_to_radius(z: np.ndarray, fit_rows: np.ndarray, radius: float) -> np.ndarray:
+    """One factor for all cells so the mean norm of the ``fit_rows`` cells is radius / 2."""
+    mean_norm = np.linalg.norm(z[fit_rows], axis=1).mean()
     if mean_norm > 0:
-        z *= 0.5 * radius / mean_norm
+        z = z * (0.5 * radius / mean_norm)
     return z.astype(np.float32)
 
 

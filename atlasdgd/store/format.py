@@ -1,0 +1,105 @@
+"""The atlas store: an explicit, versioned on-disk format at any fsspec URI.
+
+    STORE/                         (a zarr v3 group; local path, file://, memory://, s3://, ...)
+      atlasdgd-store.json          manifest, written last: format + version, n_cells, per modality
+                                   n_features / nnz, obs columns and their roles, chunking, whether
+                                   the cell order was shuffled, feature filter
+      obs/                         AnnData dataframe encoding: cell ids (index), label, covariates
+                                   (categorical), dgd_split, library_<modality>, observed_<modality>
+      mod/<modality>/              a complete AnnData group: anndata.read_zarr(STORE/mod/rna) opens it
+        X/                         CSR in anndata's encoding (indptr int64, indices int32, data
+                                   float32); data/indices chunked and sharded along cells (chunks of
+                                   about ``chunk_cells`` cells' non-zeros, ``shard_chunks`` per shard)
+        obs/                       cell ids only
+        var/                       feature names; n_cells_detected, total_counts
+
+A store without its manifest is incomplete (an interrupted ingest) and never opens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+
+from atlasdgd.errors import AtlasDGDError
+
+FORMAT = "atlasdgd-store"
+FORMAT_VERSION = 1
+MANIFEST = "atlasdgd-store.json"
+
+
+class StoreError(AtlasDGDError):
+    """A store is missing, incomplete, of another format or version, or inconsistent."""
+
+
+@dataclass
+class StoreManifest:
+    n_cells: int
+    modalities: dict[str, dict]  # name -> {"n_features": int, "nnz": int}
+    label_key: str | None = None
+    covariate_keys: list[str] = field(default_factory=list)
+    obs_columns: list[str] = field(default_factory=list)
+    chunk_cells: int = 4096
+    shard_chunks: int = 8
+    shuffled: bool = False
+    min_cells_fraction: float = 0.0
+    source: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    atlasdgd_version: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def filesystem(uri: str, storage_options: dict | None = None):
+    """``(fs, path)`` for a URI; plain paths are local files."""
+    try:
+        return fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    except (ImportError, ValueError) as e:
+        raise StoreError(f"cannot open {uri!r}: {e} (install the fsspec backend for this protocol, e.g. s3fs for s3://)") from e
+
+
+def zarr_store(uri: str, storage_options: dict | None = None, read_only: bool = False):
+    """A zarr store for a URI: LocalStore for local paths, FsspecStore otherwise."""
+    import zarr
+
+    fs, path = filesystem(uri, storage_options)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return zarr.storage.LocalStore(path, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(str(uri), storage_options=storage_options, read_only=read_only)
+
+
+def read_manifest(uri: str, storage_options: dict | None = None) -> StoreManifest:
+    fs, path = filesystem(uri, storage_options)
+    try:
+        exists = fs.exists(path)
+    except Exception as e:  # network / permission errors from any fsspec backend
+        raise StoreError(f"cannot read {uri!r}: {e}") from e
+    if not exists:
+        raise StoreError(f"no atlas store at {uri!r}: create one with 'atlasdgd ingest INPUT {uri}'")
+    manifest_path = f"{path.rstrip('/')}/{MANIFEST}"
+    if not fs.exists(manifest_path):
+        raise StoreError(
+            f"{uri!r} has no {MANIFEST}: it is not a complete atlas store (an interrupted ingest?); ingest again with --overwrite"
+        )
+    try:
+        raw = json.loads(fs.cat_file(manifest_path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{uri}/{MANIFEST} is not valid JSON ({e}): the store is damaged") from e
+    if raw.get("format") != FORMAT:
+        raise StoreError(f"{uri!r} is not an atlasdgd store (format {raw.get('format')!r})")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{uri!r} has store format version {raw.get('format_version')}; this atlasdgd reads version {FORMAT_VERSION}: "
+            f"re-ingest it, or use the atlasdgd version that wrote it ({raw.get('atlasdgd_version')})"
+        )
+    known = set(StoreManifest.__dataclass_fields__)
+    return StoreManifest(**{k: v for k, v in raw.items() if k in known})
+
+
+def write_manifest(uri: str, manifest: StoreManifest, storage_options: dict | None = None) -> None:
+    fs, path = filesystem(uri, storage_options)
+    fs.pipe_file(f"{path.rstrip('/')}/{MANIFEST}", manifest.to_json().encode())

@@ -1,0 +1,207 @@
+"""TileDB-SOMA as a second store backend: read an experiment as an atlas store, ingest into one.
+
+An experiment has one measurement per modality with counts in ``X[layer]``. Experiments written by
+:func:`ingest_soma` carry atlasdgd's obs columns (split, library sizes, observed flags, label and
+covariates); for any other experiment they are computed when it is opened (one pass over X) and a
+stratified split is drawn. SOMA handles are opened lazily in the process that reads (an experiment
+opened before a fork hangs in the child), and the cell table is read with the handle closed again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from atlasdgd.data.cells import SPLIT_KEY
+from atlasdgd.data.split import as_split_categorical, stratified_split
+from atlasdgd.store.format import StoreError, StoreManifest
+
+SCHEME = "soma://"
+DEFAULT_LAYER = "counts"
+META_KEY = "atlasdgd"  # experiment metadata: label and covariate keys, chunking
+
+
+def is_soma(uri: str) -> bool:
+    uri = str(uri)
+    if uri.startswith(SCHEME):
+        return True
+    p = Path(uri)
+    return p.is_dir() and (p / "ms").is_dir() and (p / "obs").is_dir()
+
+
+def _path(uri: str) -> str:
+    return str(uri)[len(SCHEME):] if str(uri).startswith(SCHEME) else str(uri)
+
+
+class SomaAtlasStore:
+    """Read access to a SOMA experiment with the same interface as the zarr store."""
+
+    backend = "soma"
+
+    def __init__(self, uri: str, measurements: list[str] | None = None, layer: str | None = None,
+                 chunk_cells: int = 4096, seed: int = 0):
+        import json
+
+        import tiledbsoma
+
+        self.uri, self.path = str(uri), _path(uri)
+        self._exp, self._pid = None, None
+        try:
+            with tiledbsoma.Experiment.open(self.path) as exp:
+                meta = json.loads(exp.metadata.get(META_KEY, "{}"))
+                names = measurements or list(exp.ms.keys())
+                self.layer = layer or meta.get("layer", DEFAULT_LAYER)
+                obs = exp.obs.read().concat().to_pandas()
+                self.var = {}
+                for m in names:
+                    if m not in exp.ms:
+                        raise StoreError(f"{self.uri!r} has no measurement {m!r} (it has {list(exp.ms.keys())})")
+                    if self.layer not in exp.ms[m].X:
+                        raise StoreError(f"measurement {m!r} of {self.uri!r} has no X layer {self.layer!r} "
+                                         f"(layers: {list(exp.ms[m].X.keys())}): pass layer=...")
+                    var = exp.ms[m].var.read().concat().to_pandas()
+                    self.var[m] = var.set_index(_id_column(var, "var_id")).drop(columns=["soma_joinid"])
+        except StoreError:
+            raise
+        except Exception as e:  # tiledbsoma raises its own types for missing or broken experiments
+            raise StoreError(f"cannot open the SOMA experiment {self.uri!r}: {e}") from e
+        obs = obs.sort_values("soma_joinid")
+        if not np.array_equal(obs["soma_joinid"].to_numpy(), np.arange(len(obs))):
+            raise StoreError(f"{self.uri!r}: obs soma_joinids are not 0..n-1; atlasdgd reads experiments written in one go")
+        self.obs = obs.set_index(_id_column(obs, "obs_id")).drop(columns=["soma_joinid"])
+        self.obs.index = self.obs.index.astype(str)
+        self._names = names
+        if any(f"library_{m}" not in self.obs for m in names):
+            self._add_library_columns(chunk_cells)
+        if SPLIT_KEY not in self.obs:
+            self.obs[SPLIT_KEY] = as_split_categorical(stratified_split(None, len(self.obs), (0.8, 0.1, 0.1), seed))
+        self.manifest = StoreManifest(
+            n_cells=len(self.obs),
+            modalities={m: {"n_features": len(self.var[m]), "nnz": -1} for m in names},
+            label_key=meta.get("label_key"), covariate_keys=list(meta.get("covariate_keys", [])),
+            obs_columns=list(self.obs.columns), chunk_cells=int(meta.get("chunk_cells", chunk_cells)),
+            source=self.uri,
+        )
+
+    def _add_library_columns(self, chunk_cells: int) -> None:
+        n = len(self.obs)
+        for m in self._names:
+            lib = np.zeros(n, np.float32)
+            for start in range(0, n, chunk_cells):
+                stop = min(n, start + chunk_cells)
+                lib[start:stop] = np.asarray(self.read_range(m, start, stop).sum(axis=1)).ravel()
+            self.obs[f"library_{m}"] = lib
+            self.obs[f"observed_{m}"] = lib > 0
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self._names)
+
+    def n_features(self, modality: str) -> int:
+        return len(self.var[modality])
+
+    def _experiment(self):
+        import tiledbsoma
+
+        if self._exp is None or self._pid != os.getpid():  # never reuse a handle across processes
+            self._exp, self._pid = tiledbsoma.Experiment.open(self.path), os.getpid()
+        return self._exp
+
+    def read_rows(self, modality: str, rows: np.ndarray) -> sparse.csr_matrix:
+        rows = np.asarray(rows, dtype=np.int64)
+        f = self.n_features(modality)
+        if len(rows) == 0:
+            return sparse.csr_matrix((0, f), dtype=np.float32)
+        X = self._experiment().ms[modality].X[self.layer]
+        contiguous = rows[-1] - rows[0] + 1 == len(rows)
+        coords = (slice(int(rows[0]), int(rows[-1])), slice(None)) if contiguous else (rows, slice(None))
+        tbl = X.read(coords=coords).tables().concat()
+        i = tbl.column("soma_dim_0").to_numpy()
+        j = tbl.column("soma_dim_1").to_numpy()
+        v = tbl.column("soma_data").to_numpy().astype(np.float32)
+        local = np.searchsorted(rows, i)
+        out = sparse.csr_matrix((v, (local, j)), shape=(len(rows), f))
+        out.sum_duplicates()
+        if len(out.data) and not np.array_equal(out.data, np.round(out.data)):
+            raise StoreError(f"{self.uri!r}: measurement {modality!r} layer {self.layer!r} has non-integer counts: "
+                             "pass the raw-count layer")
+        return out
+
+    def read_range(self, modality: str, start: int, stop: int) -> sparse.csr_matrix:
+        return self.read_rows(modality, np.arange(start, stop))
+
+    def close(self) -> None:
+        if self._exp is not None:
+            self._exp.close()
+            self._exp = None
+
+
+def _id_column(df: pd.DataFrame, preferred: str) -> str:
+    if preferred in df.columns:
+        return preferred
+    others = [c for c in df.columns if c != "soma_joinid" and df[c].dtype == object]
+    if not others:
+        raise StoreError(f"no id column ({preferred!r}) in a SOMA dataframe with columns {list(df.columns)}")
+    return others[0]
+
+
+def ingest_soma(input_path: str, uri: str, *, label_key: str | None = None, covariate_keys=(), split_key=None,
+                layer: str | None = None, seed: int = 0, overwrite: bool = False, chunk_cells: int = 4096) -> str:
+    """Write an .h5ad/.h5mu into a SOMA experiment (one measurement per modality, X layer ``counts``)
+    with atlasdgd's obs columns. Reads the input into memory (unlike the zarr ingest)."""
+    import json
+    import shutil
+    import tempfile
+
+    import anndata as ad
+    import pyarrow as pa
+    import tiledbsoma
+    import tiledbsoma.io as soma_io
+
+    from atlasdgd.data.adapters import prepare, read_input
+
+    path = Path(_path(uri))
+    if path.exists() and not overwrite:
+        raise StoreError(f"{str(path)!r} already exists: choose another URI or pass overwrite (--overwrite)")
+    data = prepare(read_input(input_path), label_key=label_key, covariate_keys=list(covariate_keys),
+                   split_key=split_key, layer=layer, seed=seed)
+    obs = data.obs.copy()
+    for m in data.modalities:
+        obs[f"library_{m}"] = data.library(m)
+        obs[f"observed_{m}"] = data.observed[m]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    shutil.rmtree(tmp)
+    try:
+        first, *rest = data.modalities
+        adata = ad.AnnData(X=data.counts[first], obs=obs, var=pd.DataFrame(index=data.feature_names[first]))
+        soma_io.from_anndata(str(tmp), adata, first, X_layer_name=DEFAULT_LAYER)
+        with tiledbsoma.Experiment.open(str(tmp), "w") as exp:
+            for m in rest:
+                ms = exp.ms.add_new_collection(m, tiledbsoma.Measurement)
+                names = np.asarray(data.feature_names[m]).astype(str)
+                schema = pa.schema([("soma_joinid", pa.int64()), ("var_id", pa.large_string())])
+                var = ms.add_new_dataframe("var", schema=schema, index_column_names=["soma_joinid"],
+                                           domain=[(0, len(names) - 1)])
+                var.write(pa.Table.from_pydict({"soma_joinid": np.arange(len(names)), "var_id": names}, schema=schema))
+                X = ms.add_new_collection("X")
+                coo = data.counts[m].tocoo()
+                arr = X.add_new_sparse_ndarray(DEFAULT_LAYER, type=pa.float32(), shape=coo.shape)
+                arr.write(pa.Table.from_pydict({"soma_dim_0": coo.row.astype(np.int64), "soma_dim_1": coo.col.astype(np.int64),
+                                                "soma_data": coo.data.astype(np.float32)}))
+            exp.metadata[META_KEY] = json.dumps({"label_key": label_key, "covariate_keys": list(covariate_keys),
+                                                 "layer": DEFAULT_LAYER, "chunk_cells": chunk_cells})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(path)

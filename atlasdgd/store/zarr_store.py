@@ -1,0 +1,224 @@
+"""Writing and reading the zarr atlas store (layout in :mod:`atlasdgd.store.format`).
+
+The writer takes cells in blocks (any size) and writes whole shards only, so memory is one shard per
+modality plus the block in hand, whatever the number of cells. The reader serves contiguous cell
+ranges (the fast path: one contiguous read of ``data``/``indices`` per range).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import zarr
+from anndata.io import read_elem, write_elem
+from scipy import sparse
+
+from atlasdgd.store.format import StoreError, StoreManifest, filesystem, read_manifest, write_manifest, zarr_store
+
+INDPTR_CHUNK = 1 << 20
+
+
+def _write_elem(group, key, value) -> None:
+    with ad.settings.override(zarr_write_format=3), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
+        write_elem(group, key, value)
+
+
+class _ShardedAppender:
+    """Appends to a growing 1-D zarr array, writing only whole shards (and the tail at the end)."""
+
+    def __init__(self, array: zarr.Array):
+        self.array, self.shard = array, array.shards[0] if array.shards else array.chunks[0]
+        self.written, self.pending, self.n_pending = 0, [], 0
+
+    def append(self, values: np.ndarray) -> None:
+        self.pending.append(values)
+        self.n_pending += len(values)
+        if self.n_pending >= self.shard:
+            buf = np.concatenate(self.pending)
+            full = (len(buf) // self.shard) * self.shard
+            self._write(buf[:full])
+            self.pending, self.n_pending = [buf[full:]], len(buf) - full
+
+    def _write(self, values: np.ndarray) -> None:
+        end = self.written + len(values)
+        if end > self.array.shape[0]:
+            self.array.resize((end,))
+        self.array[self.written : end] = values
+        self.written = end
+
+    def close(self) -> None:
+        if self.n_pending:
+            self._write(np.concatenate(self.pending))
+        self.pending, self.n_pending = [], 0
+
+
+class StoreWriter:
+    """Write a store block by block; :meth:`finish` writes obs, var and the manifest (last).
+
+    ``modalities`` maps each modality to (number of features, expected non-zeros per cell), the
+    latter only to size chunks.
+
+    Local targets are written to a temporary sibling and renamed into place at the end; remote ones
+    (s3://, memory://) are written in place and become a store only when the manifest lands.
+    """
+
+    def __init__(self, uri: str, n_cells: int, modalities: dict[str, tuple[int, float]], *, chunk_cells: int = 4096,
+                 shard_chunks: int = 8, overwrite: bool = False, storage_options: dict | None = None):
+        self.uri, self.storage_options = str(uri), storage_options
+        self.n_cells, self.chunk_cells, self.shard_chunks = n_cells, chunk_cells, shard_chunks
+        fs, path = filesystem(self.uri, storage_options)
+        self._local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        if fs.exists(path):
+            if not overwrite:
+                raise StoreError(f"{self.uri!r} already exists: choose another store URI or pass overwrite (--overwrite)")
+            if not self._local:
+                fs.rm(path, recursive=True)
+        if self._local:
+            parent = Path(path).parent
+            if not parent.exists():
+                raise StoreError(f"the folder {str(parent)!r} for the store does not exist: create it first")
+            self._final = Path(path)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self._final.name}.tmp-", dir=parent))
+            self._target = str(self._tmp)
+        else:
+            self._target = self.uri
+        self.root = zarr.open_group(zarr_store(self._target, storage_options), mode="w", zarr_format=3)
+        self.modalities = modalities
+        self.indptr = {m: [np.zeros(1, np.int64)] for m in modalities}
+        self.offset = dict.fromkeys(modalities, 0)
+        self.appenders = {}
+        for m, (n_features, nnz_per_cell) in modalities.items():
+            g = self.root.require_group(f"mod/{m}")
+            g.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+            x = g.require_group("X")
+            x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_features]})
+            # chunks hold about chunk_cells cells' non-zeros (from the expected density), shards several chunks
+            chunk = int(max(1024, min(1 << 22, round(max(1.0, nnz_per_cell) * chunk_cells))))
+            shard = chunk * shard_chunks
+            self.appenders[m] = {
+                name: _ShardedAppender(x.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,), shards=(shard,)))
+                for name, dtype in (("data", np.float32), ("indices", np.int32))
+            }
+        self.cells_written = dict.fromkeys(modalities, 0)
+
+    def append(self, modality: str, block: sparse.csr_matrix) -> None:
+        """Append the next rows of ``modality`` (CSR with the modality's feature count)."""
+        block = sparse.csr_matrix(block)
+        block.sort_indices()
+        app = self.appenders[modality]
+        app["data"].append(block.data.astype(np.float32, copy=False))
+        app["indices"].append(block.indices.astype(np.int32, copy=False))
+        self.indptr[modality].append(block.indptr[1:].astype(np.int64) + self.offset[modality])
+        self.offset[modality] += int(block.nnz)
+        self.cells_written[modality] += block.shape[0]
+
+    def finish(self, obs: pd.DataFrame, var: dict[str, pd.DataFrame], manifest: StoreManifest) -> str:
+        for m in self.modalities:
+            if self.cells_written[m] != self.n_cells:
+                raise StoreError(f"modality {m!r}: wrote {self.cells_written[m]} of {self.n_cells} cells")
+            for app in self.appenders[m].values():
+                app.close()
+            indptr = np.concatenate(self.indptr[m])
+            x = self.root[f"mod/{m}/X"]
+            arr = x.create_array("indptr", shape=indptr.shape, dtype=np.int64, chunks=(min(INDPTR_CHUNK, len(indptr)),))
+            arr[:] = indptr
+            g = self.root[f"mod/{m}"]
+            _write_elem(g, "obs", pd.DataFrame(index=obs.index.astype(str)))
+            _write_elem(g, "var", var[m])
+            for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+                _write_elem(g, key, {})
+        _write_elem(self.root, "obs", obs)
+        write_manifest(self._target, manifest, self.storage_options)  # last: the store is now complete
+        if self._local:
+            if self._final.exists():
+                old = self._final.with_name(f".{self._final.name}.old-{os.getpid()}")
+                os.replace(self._final, old)
+                os.replace(self._tmp, self._final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self._tmp, self._final)
+        return self.uri
+
+    def abort(self) -> None:
+        """Remove what was written (a local temporary directory; remote partial output stays without manifest)."""
+        if self._local:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class ZarrAtlasStore:
+    """Read access to a complete store: obs in memory, counts by cell range."""
+
+    backend = "zarr"
+
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        self.uri, self.storage_options = str(uri), storage_options
+        self.manifest = read_manifest(self.uri, storage_options)
+        try:
+            self.root = zarr.open_group(zarr_store(self.uri, storage_options, read_only=True), mode="r")
+            self.obs = read_elem(self.root["obs"])
+        except StoreError:
+            raise
+        except Exception as e:
+            raise StoreError(f"cannot read the cell table of {self.uri!r} ({e}): the store is damaged") from e
+        if len(self.obs) != self.manifest.n_cells:
+            raise StoreError(f"{self.uri!r}: obs has {len(self.obs)} cells, the manifest says {self.manifest.n_cells}: the store is damaged")
+        self._indptr, self._data, self._indices, self.var = {}, {}, {}, {}
+        for m, info in self.manifest.modalities.items():
+            try:
+                x = self.root[f"mod/{m}/X"]
+                indptr = x["indptr"][:]
+                self._data[m], self._indices[m] = x["data"], x["indices"]
+                self.var[m] = read_elem(self.root[f"mod/{m}/var"])
+            except KeyError as e:
+                raise StoreError(f"{self.uri!r} lacks {e} for modality {m!r}: the store is damaged") from e
+            shape = tuple(x.attrs.get("shape", ()))
+            if (len(indptr) != self.manifest.n_cells + 1 or shape != (self.manifest.n_cells, info["n_features"])
+                    or indptr[-1] != self._data[m].shape[0] or self._data[m].shape != self._indices[m].shape
+                    or len(self.var[m]) != info["n_features"]):
+                raise StoreError(
+                    f"{self.uri!r}: modality {m!r} has mismatched shapes (indptr {len(indptr)}, X {shape}, "
+                    f"nnz {indptr[-1]} vs data {self._data[m].shape[0]}, var {len(self.var[m])}; manifest "
+                    f"{self.manifest.n_cells} x {info['n_features']}): the store is damaged; ingest it again"
+                )
+            self._indptr[m] = indptr
+
+    @property
+    def n_cells(self) -> int:
+        return self.manifest.n_cells
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.manifest.modalities)
+
+    def n_features(self, modality: str) -> int:
+        return int(self.manifest.modalities[modality]["n_features"])
+
+    def read_range(self, modality: str, start: int, stop: int) -> sparse.csr_matrix:
+        """Rows ``start:stop`` of a modality as CSR (one contiguous read)."""
+        indptr = self._indptr[modality]
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        data = self._data[modality][lo:hi]
+        if len(data) and not np.array_equal(data, np.round(data)):
+            raise StoreError(f"{self.uri!r}: modality {modality!r} has non-integer counts in cells {start}-{stop}: "
+                             "the store is not a count store; ingest raw counts")
+        return sparse.csr_matrix((data, self._indices[modality][lo:hi], indptr[start : stop + 1] - lo),
+                                 shape=(stop - start, self.n_features(modality)))
+
+    def read_rows(self, modality: str, rows: np.ndarray) -> sparse.csr_matrix:
+        """Sorted rows as CSR: reads the covering range once and selects."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return sparse.csr_matrix((0, self.n_features(modality)), dtype=np.float32)
+        first, last = int(rows[0]), int(rows[-1]) + 1
+        return self.read_range(modality, first, last)[rows - first]
+
+    def open_in_worker(self) -> "ZarrAtlasStore":
+        return self

@@ -1,0 +1,318 @@
+"""Atlas stores: ingest round trips, torn stores, the streaming loader, SOMA, S3, training from a store."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import anndata as ad
+import mudata
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import sparse
+
+from atlasdgd.cli import main
+from atlasdgd.data.adapters import prepare, read_input
+from atlasdgd.data.loader import InMemoryLoader
+from atlasdgd.model.config import ModelConfig
+from atlasdgd.model.module import DGDModule
+from atlasdgd.optim.row_adam import RepresentationTable
+from atlasdgd.simulate import SimulationConfig, simulate, write_simulation, write_simulation_store
+from atlasdgd.store.cells import open_store
+from atlasdgd.store.format import MANIFEST, StoreError
+from atlasdgd.store.ingest import ingest
+from atlasdgd.store.loader import BlockShufflePlan
+from atlasdgd.store.zarr_store import StoreWriter
+from atlasdgd.train.config import TrainConfig
+from atlasdgd.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def h5mu(tmp_path_factory):
+    """A MuData file where 50 cells lack ATAC (obsmap 0), written by mudata itself."""
+    data = simulate(SimulationConfig(n_cells=1500, n_types=4, n_batches=3, n_genes=120, n_peaks=300, seed=5))
+    atac = data["atac"][50:].copy()
+    md = mudata.MuData({"rna": data["rna"].copy(), "atac": atac})
+    md.obs["cell_type"] = data.obs["cell_type"].to_numpy()
+    md.obs["batch"] = data.obs["batch"].to_numpy()
+    path = tmp_path_factory.mktemp("store_input") / "atlas.h5mu"
+    md.write_h5mu(path)
+    return path
+
+
+def _dense(x):
+    return x.toarray() if sparse.issparse(x) else np.asarray(x)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_ingest_round_trip_is_exact_for_every_modality_and_obs_column(h5mu, tmp_path, shuffle):
+    uri = tmp_path / "atlas.zarr"
+    ingest(str(h5mu), str(uri), label_key="cell_type", covariate_keys=["batch"], shuffle=shuffle, chunk_cells=256,
+           progress=False)
+    cells = open_store(str(uri))
+    md = read_input(h5mu)
+    expected = prepare(md, label_key="cell_type", covariate_keys=["batch"])
+    order = pd.Index(expected.obs_names).get_indexer(cells.obs_names)
+    assert (order >= 0).all() and len(order) == md.n_obs
+    assert shuffle == (not np.array_equal(order, np.arange(md.n_obs)))
+    for m in ("rna", "atac"):
+        got = cells.store.read_range(m, 0, cells.n_cells)
+        np.testing.assert_array_equal(got.toarray(), expected.counts[m][order].toarray())
+        np.testing.assert_array_equal(cells.library(m), expected.library(m)[order])
+        np.testing.assert_array_equal(cells.observed[m], expected.observed[m][order])
+        # anndata opens the modality group on its own
+        adata = ad.read_zarr(uri / "mod" / m)
+        np.testing.assert_array_equal(_dense(adata.X), got.toarray())
+        assert list(adata.var_names) == list(expected.feature_names[m])
+        np.testing.assert_array_equal(adata.var["n_cells_detected"], (got > 0).sum(0).A1)
+    assert cells.observed["atac"].sum() == md.n_obs - 50
+    for col in ("cell_type", "batch"):
+        assert list(cells.obs[col].astype(str)) == list(md.obs[col].astype(str).iloc[order])
+    assert list(cells.obs["dgd_split"].astype(str)) == list(expected.obs["dgd_split"].astype(str).iloc[order])
+
+
+def test_feature_filter_keeps_features_detected_in_enough_cells(h5mu, tmp_path):
+    uri = tmp_path / "filtered.zarr"
+    ingest(str(h5mu), str(uri), min_cells_fraction=0.2, progress=False)
+    cells = open_store(str(uri))
+    md = read_input(h5mu)
+    for m in ("rna", "atac"):
+        x = sparse.csr_matrix(md[m].X)
+        frac = (x > 0).sum(0).A1 / md.n_obs
+        assert list(cells.feature_names[m]) == list(md[m].var_names[frac >= 0.2])
+        measured = cells.library(m)[md.n_obs - md[m].n_obs:]  # ATAC lacks the first 50 cells
+        np.testing.assert_array_equal(measured, x[:, frac >= 0.2].sum(1).A1)
+
+
+def test_a_killed_ingest_leaves_no_store_that_opens(tmp_path):
+    src = tmp_path / "big.h5ad"
+    write_simulation(SimulationConfig(n_cells=30_000, n_genes=1000, seed=1), str(src), progress=False)
+    target = tmp_path / "atlas.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "atlasdgd.cli", "ingest", str(src), str(target), "--quiet",
+                             "--chunk-cells", "256"])
+    deadline = time.time() + 60
+    while time.time() < deadline:  # kill once data arrays are being written
+        if any((p / "mod" / "rna" / "X" / "data").exists() for p in tmp_path.glob(".atlas.zarr.tmp-*")):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not target.exists()
+    with pytest.raises(StoreError, match="no atlas store"):
+        open_store(str(target))
+    # a torn store in place (what an interrupted remote ingest leaves) is refused too
+    torn = tmp_path / "torn.zarr"
+    write_simulation_store(SimulationConfig(n_cells=300, n_genes=50, seed=1), str(torn), progress=False)
+    (torn / MANIFEST).unlink()
+    with pytest.raises(StoreError, match="not a complete atlas store"):
+        open_store(str(torn))
+
+
+def test_bad_stores_fail_with_clear_messages(tmp_path):
+    uri = tmp_path / "s.zarr"
+    write_simulation_store(SimulationConfig(n_cells=300, n_genes=50, seed=1), str(uri), progress=False)
+    manifest = json.loads((uri / MANIFEST).read_text())
+    with pytest.raises(StoreError, match="no atlas store"):
+        open_store(str(tmp_path / "nowhere.zarr"))
+    (uri / MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(StoreError, match="format version 99"):
+        open_store(str(uri))
+    (uri / MANIFEST).write_text(json.dumps({**manifest, "format": "something-else"}))
+    with pytest.raises(StoreError, match="not an atlasdgd store"):
+        open_store(str(uri))
+    bad = {**manifest, "modalities": {"rna": {"n_features": 51, "nnz": 0}}}
+    (uri / MANIFEST).write_text(json.dumps(bad))
+    with pytest.raises(StoreError, match="mismatched shapes"):
+        open_store(str(uri))
+    (uri / MANIFEST).write_text("{not json")
+    with pytest.raises(StoreError, match="not valid JSON"):
+        open_store(str(uri))
+    # non-integer counts are refused when read
+    frac = tmp_path / "frac.zarr"
+    w = StoreWriter(str(frac), 4, {"rna": (3, 1.0)})
+    w.append("rna", sparse.csr_matrix(np.array([[0.5, 0, 1], [0, 2, 0], [1, 1, 1], [0, 0, 3]], np.float32)))
+    from atlasdgd.store.format import StoreManifest
+
+    w.finish(pd.DataFrame({"dgd_split": pd.Categorical(["train"] * 4), "library_rna": np.ones(4, np.float32),
+                           "observed_rna": True}, index=list("abcd")),
+             {"rna": pd.DataFrame(index=["g0", "g1", "g2"])}, StoreManifest(4, {"rna": {"n_features": 3, "nnz": 7}}))
+    cells = open_store(str(frac))
+    with pytest.raises(StoreError, match="non-integer"):
+        next(iter(cells.loader(np.arange(4), 2)))
+
+
+def test_ingest_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
+    bad = ad.AnnData(X=sparse.csr_matrix(np.full((5, 3), 0.5, np.float32)))
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    assert main(["ingest", str(tmp_path / "bad.h5ad"), str(tmp_path / "out.zarr"), "--quiet"]) == 2
+    assert "non-integer" in capsys.readouterr().err
+    assert main(["ingest", str(tmp_path / "bad.h5ad"), str(tmp_path / "out.zarr"), "--label-key", "nope", "--quiet"]) == 2
+    assert "'nope' is not a column" in capsys.readouterr().err
+    assert not (tmp_path / "out.zarr").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    uri = tmp_path_factory.mktemp("store") / "sim.zarr"
+    write_simulation_store(SimulationConfig(n_cells=2500, n_types=4, n_batches=2, n_genes=100, n_peaks=150, seed=2),
+                           str(uri), progress=False)
+    return uri
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_loader_epochs_cover_every_cell_once_across_ranks_with_equal_steps(store, world_size):
+    cells = open_store(str(store), )
+    rows = cells.split_rows("train")
+    seen, steps = [], set()
+    for rank in range(world_size):
+        loader = cells.loader(rows, 64, seed=3, rank=rank, world_size=world_size, chunk_cells=100, buffer_chunks=2)
+        loader.set_epoch(1)
+        got = [b.cells.numpy() for b in loader]
+        steps.add(len(got))
+        assert all(len(g) <= 64 for g in got)
+        seen.append(np.concatenate(got))
+    assert len(steps) == 1  # DDP: the same number of steps on every rank
+    allcells = np.concatenate(seen)
+    assert sorted(allcells) == sorted(rows)  # every training cell exactly once
+    for a in range(world_size):
+        for b in range(a + 1, world_size):
+            assert not set(seen[a]) & set(seen[b])
+
+
+def test_loader_order_is_a_function_of_seed_epoch_and_rank(store):
+    cells = open_store(str(store))
+    rows = cells.split_rows("train")
+
+    def order(seed, epoch, prefetch=4):
+        loader = cells.loader(rows, 50, seed=seed, chunk_cells=128, prefetch=prefetch)
+        loader.set_epoch(epoch)
+        return np.concatenate([b.cells.numpy() for b in loader])
+
+    a = order(0, 0)
+    np.testing.assert_array_equal(a, order(0, 0, prefetch=0))
+    assert not np.array_equal(a, order(0, 1)) and not np.array_equal(a, order(1, 0))
+    # block shuffling: consecutive cells of a batch come from few chunks
+    loader = cells.loader(rows, 50, seed=0, chunk_cells=128, buffer_chunks=2)
+    first = next(iter(loader)).index.numpy()
+    assert len(np.unique(first // 128)) <= 2
+
+
+def test_batches_carry_counts_libraries_and_covariates_of_their_cells(store):
+    cells = open_store(str(store))
+    batch = next(iter(cells.loader(cells.split_rows("train"), 40, seed=0)))
+    idx = batch.cells.numpy()
+    for m in cells.modalities:
+        np.testing.assert_array_equal(batch.counts[m].numpy(), cells.store.read_rows(m, idx).toarray())
+        np.testing.assert_array_equal(batch.library[m].numpy(), batch.counts[m].numpy().sum(1))
+    np.testing.assert_array_equal(batch.covariates.numpy(), cells.covariate_codes()[idx])
+
+
+def test_training_from_a_store_equals_training_in_memory_for_the_same_order(store, tmp_path):
+    cells = open_store(str(store))
+    sim = simulate(SimulationConfig(n_cells=2500, n_types=4, n_batches=2, n_genes=100, n_peaks=150, seed=2))
+    sim.obs["dgd_split"] = cells.obs["dgd_split"].to_numpy()
+    memory = prepare(sim, label_key="cell_type", covariate_keys=["batch"], split_key="dgd_split")
+    rows = cells.split_rows("train")
+    np.testing.assert_array_equal(rows, memory.split_rows("train"))
+    cfg = ModelConfig(modalities={m: cells.n_features(m) for m in cells.modalities}, latent_dim=4, n_components=4,
+                      covariates={"batch": 2})
+
+    def run(loader):
+        torch.manual_seed(0)
+        module = DGDModule(cfg, generator=torch.Generator().manual_seed(0))
+        table = RepresentationTable(torch.zeros(len(rows), cfg.representation_dim) + 0.1)
+        trainer = Trainer(module, TrainConfig(max_epochs=2), table)
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            trainer.train_epoch(loader)
+        return module.state_dict(), table.values
+
+    streaming = cells.loader(rows, 64, seed=4, chunk_cells=200, buffer_chunks=2)
+    plan = BlockShufflePlan(len(rows), 64, 200, 2, seed=4)
+    in_memory = InMemoryLoader(memory, rows, 64, plan=plan)
+    (sa, ta), (sb, tb) = run(streaming), run(in_memory)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+    torch.testing.assert_close(ta, tb, rtol=0, atol=0)
+
+
+def test_dgd_trains_from_a_store_uri_and_the_cli_too(store, tmp_path):
+    import atlasdgd
+
+    model = atlasdgd.DGD(str(store), seed=0)
+    assert model.vocab.label_key == "cell_type" and model.model_config.covariates == {"batch": 2}
+    model.train(max_epochs=3, min_epochs=1, progress=False)
+    cells = model.embed()
+    assert cells.n_obs == 2500 and np.isfinite(cells.obsm["X_dgd"]).all()
+    assert main(["train", str(store), "--out", str(tmp_path / "m"), "--epochs", "2", "--min-epochs", "1", "--quiet"]) == 0
+    assert (tmp_path / "m" / "atlasdgd.json").exists()
+
+
+def test_soma_and_zarr_backends_give_the_same_batches(h5mu, tmp_path):
+    zarr_uri, soma_uri = tmp_path / "a.zarr", f"soma://{tmp_path / 'a.soma'}"
+    ingest(str(h5mu), str(zarr_uri), label_key="cell_type", covariate_keys=["batch"], progress=False)
+    assert main(["ingest", str(h5mu), soma_uri, "--label-key", "cell_type", "--covariate-key", "batch", "--quiet"]) == 0
+    z, s = open_store(str(zarr_uri)), open_store(soma_uri)
+    assert s.store.backend == "soma" and s.n_cells == z.n_cells
+    np.testing.assert_array_equal(s.obs_names, z.obs_names)
+    assert s.covariate_classes() == z.covariate_classes() and s.label_classes() == z.label_classes()
+    rows = z.split_rows("train")
+    np.testing.assert_array_equal(rows, s.split_rows("train"))
+    bz = list(z.loader(rows, 100, seed=1, chunk_cells=128))
+    bs = list(s.loader(rows, 100, seed=1, chunk_cells=128))
+    assert len(bz) == len(bs)
+    for a, b in zip(bz, bs):
+        np.testing.assert_array_equal(a.cells.numpy(), b.cells.numpy())
+        for m in ("rna", "atac"):
+            np.testing.assert_array_equal(a.counts[m].numpy(), b.counts[m].numpy())
+            np.testing.assert_array_equal(a.library[m].numpy(), b.library[m].numpy())
+        np.testing.assert_array_equal(a.covariates.numpy(), b.covariates.numpy())
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3-compatible server (moto) on loopback, started and stopped here."""
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    options = {"key": "test", "secret": "test", "endpoint_url": f"http://127.0.0.1:{port}"}
+    import s3fs
+
+    s3fs.S3FileSystem(**options).mkdir("atlas-bucket")
+    yield options
+    server.stop()
+
+
+def test_s3_round_trip_ingest_and_train(h5mu, s3, tmp_path):
+    uri = "s3://atlas-bucket/atlas.zarr"
+    option_args = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    assert main(["ingest", str(h5mu), uri, "--label-key", "cell_type", "--covariate-key", "batch", "--quiet",
+                 *option_args]) == 0
+    remote = open_store(uri, s3)
+    ingest(str(h5mu), str(tmp_path / "local.zarr"), label_key="cell_type", covariate_keys=["batch"], progress=False)
+    local = open_store(str(tmp_path / "local.zarr"))
+    for m in ("rna", "atac"):
+        np.testing.assert_array_equal(remote.store.read_range(m, 0, remote.n_cells).toarray(),
+                                      local.store.read_range(m, 0, local.n_cells).toarray())
+    pd.testing.assert_frame_equal(remote.obs, local.obs)
+    with pytest.raises(StoreError, match="already exists"):
+        ingest(str(h5mu), uri, storage_options=s3, progress=False)
+    assert main(["train", uri, "--out", str(tmp_path / "model"), "--epochs", "2", "--min-epochs", "1", "--quiet",
+                 *option_args]) == 0
+    with pytest.raises(StoreError, match="no atlas store"):
+        open_store("s3://atlas-bucket/missing.zarr", s3)
