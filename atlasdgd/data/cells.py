@@ -12,35 +12,21 @@ SPLIT_KEY = "dgd_split"
 SPLITS = ("train", "validation", "test")
 
 
-@dataclass
-class CellData:
-    """Counts per modality (CSR, cells in the same order) and one obs table.
-
-    ``obs`` carries the label column (optional), one categorical column per covariate and the
-    split column ``dgd_split`` (train / validation / test).
-    """
+class CellTable:
+    """Accessors over a cell table (``obs``, ``label_key``, ``covariate_keys``) shared by every data
+    source: in-memory :class:`CellData` and stores (:class:`~atlasdgd.store.cells.StoreCells`)."""
 
     obs: pd.DataFrame
-    counts: dict[str, sparse.csr_matrix]
-    feature_names: dict[str, pd.Index]
-    observed: dict[str, np.ndarray]
-    label_key: str | None = None
-    covariate_keys: tuple[str, ...] = ()
+    label_key: str | None
+    covariate_keys: tuple[str, ...]
 
     @property
     def n_cells(self) -> int:
         return self.obs.shape[0]
 
     @property
-    def modalities(self) -> list[str]:
-        return list(self.counts)
-
-    @property
     def obs_names(self) -> pd.Index:
         return self.obs.index
-
-    def library(self, modality: str) -> np.ndarray:
-        return np.asarray(self.counts[modality].sum(axis=1)).ravel().astype(np.float32)
 
     def covariate_codes(self) -> np.ndarray:
         """``[N, Q]`` int64 class codes in ``covariate_keys`` order."""
@@ -61,7 +47,30 @@ class CellData:
         return self.obs[self.label_key].cat.codes.to_numpy().astype(np.int64)
 
     def split_rows(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.obs[SPLIT_KEY].to_numpy() == split)
+        return np.flatnonzero(self.obs[SPLIT_KEY].astype(str).to_numpy() == split)
+
+
+@dataclass
+class CellData(CellTable):
+    """Counts per modality (CSR, cells in the same order) and one obs table.
+
+    ``obs`` carries the label column (optional), one categorical column per covariate and the
+    split column ``dgd_split`` (train / validation / test).
+    """
+
+    obs: pd.DataFrame
+    counts: dict[str, sparse.csr_matrix]
+    feature_names: dict[str, pd.Index]
+    observed: dict[str, np.ndarray]
+    label_key: str | None = None
+    covariate_keys: tuple[str, ...] = ()
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.counts)
+
+    def library(self, modality: str) -> np.ndarray:
+        return np.asarray(self.counts[modality].sum(axis=1)).ravel().astype(np.float32)
 
     def loader(self, rows: np.ndarray, batch_size: int = 128, shuffle: bool = True, seed: int = 0):
         """Minibatches of ``rows`` (every data source has this: in memory, zarr store, SOMA)."""

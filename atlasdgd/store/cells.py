@@ -11,14 +11,14 @@ import pandas as pd
 import torch
 from scipy import sparse
 
-from atlasdgd.data.cells import SPLIT_KEY
+from atlasdgd.data.cells import SPLIT_KEY, CellTable
 from atlasdgd.errors import InputError
 from atlasdgd.model.module import Batch
 from atlasdgd.store.format import StoreError
 from atlasdgd.train.init import centred_components, scale_to_radius
 
 
-class StoreCells:
+class StoreCells(CellTable):
     def __init__(self, store, label_key: str | None = None, covariate_keys: list[str] | tuple[str, ...] | None = None,
                  modalities: list[str] | None = None):
         self.store = store
@@ -49,43 +49,16 @@ class StoreCells:
         self._covariates = self.covariate_codes()
         self.chunk_cells = int(store.manifest.chunk_cells)
 
-    # -- the CellData interface ------------------------------------------------------------
-    @property
-    def n_cells(self) -> int:
-        return len(self.obs)
-
+    # -- the CellData interface (the rest comes from CellTable) -----------------------------
     @property
     def modalities(self) -> list[str]:
         return list(self._modalities)
-
-    @property
-    def obs_names(self) -> pd.Index:
-        return self.obs.index
 
     def n_features(self, modality: str) -> int:
         return len(self.feature_names[modality])
 
     def library(self, modality: str) -> np.ndarray:
         return self._library[modality]
-
-    def covariate_codes(self) -> np.ndarray:
-        if not self.covariate_keys:
-            return np.zeros((self.n_cells, 0), dtype=np.int64)
-        return np.stack([self.obs[k].cat.codes.to_numpy().astype(np.int64) for k in self.covariate_keys], axis=1)
-
-    def covariate_classes(self) -> dict[str, list[str]]:
-        return {k: [str(c) for c in self.obs[k].cat.categories] for k in self.covariate_keys}
-
-    def label_classes(self) -> list[str]:
-        return [str(c) for c in self.obs[self.label_key].cat.categories] if self.label_key else []
-
-    def label_codes(self) -> np.ndarray:
-        if not self.label_key:
-            return np.full(self.n_cells, -1, dtype=np.int64)
-        return self.obs[self.label_key].cat.codes.to_numpy().astype(np.int64)
-
-    def split_rows(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.obs[SPLIT_KEY].astype(str).to_numpy() == split)
 
     def loader(self, rows: np.ndarray, batch_size: int = 128, shuffle: bool = True, seed: int = 0,
                rank: int = 0, world_size: int = 1, **options):

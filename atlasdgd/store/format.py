@@ -9,7 +9,8 @@
       mod/<modality>/              a complete AnnData group: anndata.read_zarr(STORE/mod/rna) opens it
         X/                         CSR in anndata's encoding (indptr int64, indices int32, data
                                    float32); data/indices chunked and sharded along cells (chunks of
-                                   about ``chunk_cells`` cells' non-zeros, ``shard_chunks`` per shard)
+                                   about ``chunk_cells`` cells' non-zeros, ``shard_chunks`` per shard),
+                                   Blosc lz4 + byte shuffle
         obs/                       cell ids only
         var/                       feature names; n_cells_detected, total_counts
 

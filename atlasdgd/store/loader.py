@@ -6,8 +6,7 @@ them. Each epoch a worker shuffles the order of its chunks (``chunk_cells`` cons
 read with one contiguous request), then shuffles cells within windows of ``buffer_chunks`` chunks
 in memory, and cuts the order into the same number of batches on every worker (DDP needs equal
 steps): sizes differ by at most one and no cell is dropped or repeated. Everything is a function of
-(seed, epoch, rank). A background thread reads and assembles the next batches while the trainer
-works; the store is opened inside the worker process (TileDB-SOMA handles cannot cross a fork).
+(seed, epoch, rank). A background thread reads and decodes the next windows while the trainer works; the store is opened inside the worker process (TileDB-SOMA handles cannot cross a fork).
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ class StreamingLoader:
 
     def __init__(self, cells, rows: np.ndarray, batch_size: int = 128, *, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, chunk_cells: int | None = None, buffer_chunks: int = 4,
-                 prefetch: int = 4):
+                 prefetch: int = 2):
         self.cells = cells
         rows = np.asarray(rows, dtype=np.int64)
         self.rows = shard_rows(rows, rank, world_size)
@@ -106,19 +105,20 @@ class StreamingLoader:
             out[m] = sparse.vstack(parts, format="csr") if parts else sparse.csr_matrix((0, self.cells.n_features(m)))
         return out, positions
 
-    def _batches(self, epoch: int) -> Iterator[Batch]:
+    def _batches(self, epoch: int, windows_in) -> Iterator[Batch]:
+        """Assemble the epoch's batches from windows arriving in order from ``windows_in``."""
         order = self.plan.order(epoch)
         batches = [np.sort(b) for b in np.array_split(order, self.plan.n_steps)]
         span = self.plan.chunk_cells * self.plan.buffer_chunks
         window_of = np.empty(len(order), dtype=np.int64)
         window_of[order] = np.arange(len(order)) // span
-        windows = self._windows(order)
         loaded: dict[int, tuple[dict[str, sparse.csr_matrix], np.ndarray]] = {}
+        next_window = 0
         for positions in batches:
             needed = np.unique(window_of[positions])
-            for w in needed:
-                if w not in loaded:
-                    loaded[int(w)] = self._read(windows[w])
+            while next_window <= needed.max():
+                loaded[next_window] = next(windows_in)
+                next_window += 1
             for w in [w for w in loaded if w < needed.min()]:
                 del loaded[w]
             yield self._assemble(positions, window_of, loaded)
@@ -142,33 +142,35 @@ class StreamingLoader:
         return self.cells.batch(torch.from_numpy(positions), cells, counts)
 
     def __iter__(self) -> Iterator[Batch]:
+        windows = self._windows(self.plan.order(self.epoch))
         if self.prefetch <= 0:
-            yield from self._batches(self.epoch)
+            yield from self._batches(self.epoch, (self._read(w) for w in windows))
             return
+        # the reading thread does the I/O and decoding of whole windows (zarr and TileDB release the
+        # GIL there); batches are cut from loaded windows here, which is cheap
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        done = object()
 
         def produce():
             try:
-                for b in self._batches(self.epoch):
+                for w in windows:
                     if stop.is_set():
                         return
-                    q.put(b)
-                q.put(done)
+                    q.put(self._read(w))
             except BaseException as e:  # hand errors to the consumer
                 q.put(e)
+
+        def consume():
+            for _ in windows:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
 
         thread = threading.Thread(target=produce, daemon=True, name="atlasdgd-prefetch")
         thread.start()
         try:
-            while True:
-                item = q.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from self._batches(self.epoch, consume())
         finally:
             stop.set()
             while thread.is_alive():  # unblock a producer waiting on a full queue

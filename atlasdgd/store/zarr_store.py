@@ -18,11 +18,16 @@ import numpy as np
 import pandas as pd
 import zarr
 from anndata.io import read_elem, write_elem
+from zarr.codecs import BloscCodec
 from scipy import sparse
 
 from atlasdgd.store.format import StoreError, StoreManifest, filesystem, read_manifest, write_manifest, zarr_store
 
 INDPTR_CHUNK = 1 << 20
+# lz4 with byte shuffle decodes ~3x faster than zarr's default zstd for 30% more bytes (measured on
+# simulated counts: 8M values + indices read in 0.073 s vs 0.222 s); reading, not storage, is the
+# loader's bottleneck
+COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
 def _write_elem(group, key, value) -> None:
@@ -104,7 +109,8 @@ class StoreWriter:
             chunk = int(max(1024, min(1 << 22, round(max(1.0, nnz_per_cell) * chunk_cells))))
             shard = chunk * shard_chunks
             self.appenders[m] = {
-                name: _ShardedAppender(x.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,), shards=(shard,)))
+                name: _ShardedAppender(x.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,), shards=(shard,),
+                                                      compressors=COMPRESSOR))
                 for name, dtype in (("data", np.float32), ("indices", np.int32))
             }
         self.cells_written = dict.fromkeys(modalities, 0)
@@ -213,12 +219,21 @@ class ZarrAtlasStore:
                                  shape=(stop - start, self.n_features(modality)))
 
     def read_rows(self, modality: str, rows: np.ndarray) -> sparse.csr_matrix:
-        """Sorted rows as CSR: reads the covering range once and selects."""
+        """Sorted rows as CSR. Dense selections read their covering range once; scattered ones
+        (validation cells, samples) are read block by block, so memory stays at one block."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return sparse.csr_matrix((0, self.n_features(modality)), dtype=np.float32)
         first, last = int(rows[0]), int(rows[-1]) + 1
-        return self.read_range(modality, first, last)[rows - first]
+        if last - first <= max(2 * len(rows), self.manifest.chunk_cells):
+            return self.read_range(modality, first, last)[rows - first]
+        block = rows // self.manifest.chunk_cells
+        parts = []
+        for b in np.unique(block):
+            sel = rows[block == b]
+            lo, hi = int(sel[0]), int(sel[-1]) + 1
+            parts.append(self.read_range(modality, lo, hi)[sel - lo])
+        return sparse.vstack(parts, format="csr")
 
     def open_in_worker(self) -> "ZarrAtlasStore":
         return self

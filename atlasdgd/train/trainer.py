@@ -38,6 +38,19 @@ class EpochStats:
     def recon_per_feature(self, m: str) -> float:
         return self.recon[m] / max(1, self.recon_cells[m] * self.n_features[m])
 
+    def all_reduce(self) -> "EpochStats":
+        """Sum the statistics over data-parallel workers (a no-op in one process)."""
+        from atlasdgd.distributed.sync import all_reduce_sum
+
+        keys = list(self.recon)
+        values = all_reduce_sum([self.cells, self.objective] + [self.recon[m] for m in keys]
+                                + [self.recon_cells[m] for m in keys])
+        self.cells, self.objective = int(values[0]), values[1]
+        for i, m in enumerate(keys):
+            self.recon[m] = values[2 + i]
+            self.recon_cells[m] = int(values[2 + len(keys) + i])
+        return self
+
     def summary(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}_loss": self.objective / max(1, self.cells)}
         total_nll = sum(self.recon.values())
@@ -78,7 +91,10 @@ class Trainer:
         self.module, self.config = module, config
         self.train_table, self.val_table = train_table, val_table
         self.n_train_total = n_train_total or len(train_table)
-        self.sync_gradients = sync_gradients
+        # summing dense gradients over data-parallel workers (a no-op in one process)
+        from atlasdgd.distributed.sync import allreduce_gradients
+
+        self.sync_gradients = sync_gradients or allreduce_gradients
         betas = config.betas
         self.optimizers = [
             torch.optim.AdamW(module.decoder_parameters(), lr=config.lr_decoder, betas=betas,
@@ -96,17 +112,23 @@ class Trainer:
         return 1.0 / self.n_train_total if self.config.hyperprior == "dataset" else 1.0
 
     def train_step(self, batch: Batch):
+        from atlasdgd.distributed.sync import all_reduce_sum, world_size
+
         z = self.train_table.gather(batch.index)
         terms = self.module.losses(batch, z)
         per_cell = terms.per_cell()
-        loss = per_cell.sum() / len(batch) - self.hyperprior_weight * self.module.hyperprior_log_prob()
+        # N workers optimise the objective of one process on the union of their batches: divide by
+        # the global batch size; terms counted once per step are split over the workers
+        workers = world_size()
+        global_batch = all_reduce_sum([len(batch)])[0] if workers > 1 else len(batch)
+        loss = per_cell.sum() / global_batch - self.hyperprior_weight * self.module.hyperprior_log_prob() / workers
         if self.config.l1 > 0:
-            loss = loss + self.config.l1 * sum(p.abs().sum() for n, p in self.module.decoder.named_parameters() if "weight" in n)
+            l1 = sum(p.abs().sum() for n, p in self.module.decoder.named_parameters() if "weight" in n)
+            loss = loss + self.config.l1 * l1 / workers
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.sync_gradients is not None:
-            self.sync_gradients(self.dense_params)
+        self.sync_gradients(self.dense_params)
         for opt in self.optimizers:
             opt.step()
         self.train_table.step(batch.index, z.grad)
@@ -120,7 +142,7 @@ class Trainer:
         for batch in loader:
             terms, obj = self.train_step(batch)
             stats.add(batch, terms, obj)
-        return stats.summary("train")
+        return stats.all_reduce().summary("train")
 
     def validation_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
         """One representation step for every validation cell; reports the loss before the step."""
@@ -128,7 +150,7 @@ class Trainer:
         for batch in loader:
             terms = representation_step(self.module, batch, self.val_table, self.config.representation_steps)
             stats.add(batch, terms, float(terms.per_cell().detach().sum()))
-        return stats.summary("val")
+        return stats.all_reduce().summary("val")
 
     def state(self) -> dict:
         """What early stopping keeps: dense weights and the representation values."""
