@@ -109,46 +109,90 @@ class DGD:
         self.module = DGDModule(self.model_config, generator=torch.Generator().manual_seed(seed))
 
     # -- training ------------------------------------------------------------------------
-    def train(self, progress: bool = True, on_epoch=None, **train_options) -> pd.DataFrame:
+    def train(self, progress: bool = True, on_epoch=None, checkpoint_uri: str | None = None,
+              storage_options: dict | None = None, resume: bool = False, checkpoint_every: int = 1,
+              **train_options) -> pd.DataFrame:
         """Fit decoder, mixtures and representations; returns the per-epoch history.
 
-        ``on_epoch`` is called with each epoch's history row (for logging). ``train_options`` are :class:`~atlasdgd.train.config.TrainConfig` fields (``max_epochs``,
-        ``batch_size``, learning rates, ``hyperprior``, ``init``, ...).
+        ``on_epoch`` is called with each epoch's history row (for logging). ``train_options`` are
+        :class:`~atlasdgd.train.config.TrainConfig` fields (``max_epochs``, ``batch_size``, learning
+        rates, ``hyperprior``, ``init``, ...). With ``checkpoint_uri`` a checkpoint is written every
+        ``checkpoint_every`` epochs (:mod:`atlasdgd.distributed.checkpoint`); ``resume`` continues from
+        the latest complete one. Under torch.distributed (Ray Train workers) this is one worker's part:
+        it trains the representation rows of its own cells only (see :mod:`atlasdgd.distributed`).
         """
+        from atlasdgd.distributed import sync
+        from atlasdgd.distributed.checkpoint import Checkpoints, read_final_rows, write_final_rows
+        from atlasdgd.store.loader import shard_rows
+
         if getattr(self, "data", None) is None:
             raise AtlasDGDError("this model has no training data attached (it was loaded): create DGD(data, ...) to train")
         cfg = TrainConfig(**{**self.train_config.to_dict(), **train_options})
+        rank, world = sync.rank(), sync.world_size()
+        if world > 1 and checkpoint_uri is None:
+            raise AtlasDGDError("several workers need a checkpoint_uri (the model URI) to assemble the model")
+        if checkpoint_every < 1:
+            raise AtlasDGDError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         self.train_config = cfg
         torch.manual_seed(cfg.seed)
         data, module = self.data, self.module
         rows = {s: data.split_rows(s) for s in ("train", "validation", "test")}
-        init = self._initial_representations(cfg)
+        init = self._initial_representations(cfg)  # every cell, the same on every worker
         if cfg.init == "pca":
             self._start_mixture(init[rows["train"], : self.model_config.latent_dim], rows["train"], cfg)
-
-        def table(split: str) -> RepresentationTable:
-            return RepresentationTable(torch.from_numpy(init[rows[split]]), cfg.lr_representation, cfg.betas)
+        sync.broadcast_module(module)
+        mine = {s: shard_rows(r, rank, world) for s, r in rows.items()}  # this worker's cells
 
         def loader(split: str, shuffle: bool = True):
-            return data.loader(rows[split], cfg.batch_size, shuffle=shuffle, seed=cfg.seed)
+            return data.loader(rows[split], cfg.batch_size, shuffle=shuffle, seed=cfg.seed, rank=rank, world_size=world)
 
-        tables = {s: table(s) for s in rows}
+        tables = {s: RepresentationTable(torch.from_numpy(init[mine[s]]), cfg.lr_representation, cfg.betas) for s in rows}
         has_val = len(rows["validation"]) > 0
-        trainer = Trainer(module, cfg, tables["train"], tables["validation"] if has_val else None)
-        history = trainer.fit(loader("train"), loader("validation") if has_val else None, progress=progress, on_epoch=on_epoch)
+        trainer = Trainer(module, cfg, tables["train"], tables["validation"] if has_val else None,
+                          n_train_total=len(rows["train"]))
+        checkpoints = Checkpoints(checkpoint_uri, storage_options) if checkpoint_uri else None
+        if checkpoints is not None and not resume:
+            checkpoints.clear()
+        resume_state = None
+        if checkpoints is not None and resume and (latest := checkpoints.latest()) is not None:
+            state, best = checkpoints.load(latest, trainer, mine)
+            resume_state = {"epoch": state["epoch"], "history": state["history"], "stopper": state["stopper"],
+                            "snapshot": None if best is None else
+                            {"module": best["module"], "train": best.get("train"), "val": best.get("validation")}}
+
+        def after_epoch(epoch, history, stopper):
+            if checkpoints is None or (epoch + 1) % checkpoint_every:
+                return
+            snap = None if stopper is None else stopper.snapshot
+            best = None if snap is None else {"module": snap["module"], "train": snap["train"], "validation": snap["val"]}
+            checkpoints.save(epoch, trainer, mine, {"history": history,
+                                                    "stopper": None if stopper is None else stopper.state_dict()}, best)
+
+        history = trainer.fit(loader("train"), loader("validation") if has_val else None,
+                              progress=progress and rank == 0, on_epoch=on_epoch, resume=resume_state,
+                              after_epoch=after_epoch)
         module.eval()
-        values = np.zeros((data.n_cells, self.model_config.representation_dim), dtype=np.float32)
-        for s, r in rows.items():
-            values[r] = tables[s].values.numpy()
-        if len(rows["test"]):  # held-out cells are mapped the way new cells are
-            mapped = map_cells(module, data, self.mapping_options(epochs=cfg.heldout_epochs), rows=rows["test"],
-                               progress=progress)
-            values[rows["test"]] = mapped.values
+        values = {s: tables[s].values.numpy() for s in rows}
+        if len(mine["test"]):  # held-out cells are mapped the way new cells are
+            values["test"] = map_cells(module, data, self.mapping_options(epochs=cfg.heldout_epochs), rows=mine["test"],
+                                       progress=progress and rank == 0).values
+        dim = self.model_config.representation_dim
+        if world > 1:  # rows travel once, through the model URI, to worker 0
+            write_final_rows(checkpoint_uri, storage_options, np.concatenate([mine[s] for s in rows]),
+                             np.concatenate([values[s].reshape(-1, dim) for s in rows]))
+            if rank != 0:
+                self.history = pd.DataFrame(history)
+                return self.history
+            all_values = read_final_rows(checkpoint_uri, storage_options, data.n_cells, dim)
+        else:
+            all_values = np.zeros((data.n_cells, dim), dtype=np.float32)
+            for s in rows:
+                all_values[mine[s]] = values[s]
         train_rows = rows["train"]
         self.library_model = LibraryModel.fit({m: data.library(m)[train_rows] for m in data.modalities},
                                               {m: o[train_rows] for m, o in data.observed.items()})
         self.history = pd.DataFrame(history)
-        self.cells = self._cells_table(values)
+        self.cells = self._cells_table(all_values)
         self.vocab.component_labels = self._component_labels()
         return self.history
 

@@ -82,6 +82,13 @@ def _add_train(sub) -> None:
     p.add_argument("--init", choices=["pca", "zero"], default=None, help="initial representations")
     p.add_argument("--gmm-init", choices=["auto", "labels", "kmeans", "leiden"], default=None,
                    help="mixture start (auto: label classes when --label-key is given, else k-means)")
+    p.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                   help="write a checkpoint into OUT/checkpoints every N epochs (default 1; 0: none)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel workers on Ray (default 1: no Ray)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster is started)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     _add_storage_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -236,29 +243,65 @@ def cmd_ingest(args) -> None:
     print(f"ingested {cells.n_cells} cells ({sizes} features) into {args.store}")
 
 
-def cmd_train(args) -> None:
-    from atlasdgd import DGD
+def _check_train_target(args) -> None:
+    """--out must be new, or hold checkpoints to --resume from, or be replaced with --overwrite."""
     from atlasdgd.atomic import check_writable_target
+
+    out = Path(args.out)
+    if args.resume:
+        if not (out / "checkpoints").is_dir():
+            raise AtlasDGDError(f"--resume: {args.out!r} has no checkpoints to resume from: drop --resume to start afresh")
+        return
+    if out.exists() and (out / "checkpoints").is_dir() and not args.overwrite:
+        raise AtlasDGDError(f"{args.out!r} holds checkpoints of an unfinished run: pass --resume to continue it, "
+                            "or --overwrite to start again")
+    check_writable_target(args.out, args.overwrite)
+
+
+def cmd_train(args) -> None:
     from atlasdgd.data.adapters import read_input
 
-    check_writable_target(args.out, args.overwrite)
-    if _is_store_uri(args.data):
-        from atlasdgd.store.cells import open_store
-
-        data = open_store(args.data, _storage_options(args), label_key=args.label_key,
-                          covariate_keys=args.covariate_key or None, modalities=args.modality)
-    elif not Path(args.data).exists():
+    for name in ("workers", "checkpoint_every"):
+        if getattr(args, name) < (1 if name == "workers" else 0):
+            raise AtlasDGDError(f"--{name.replace('_', '-')} must be >= {1 if name == 'workers' else 0}")
+    _check_train_target(args)
+    is_store = _is_store_uri(args.data)
+    if not is_store and not Path(args.data).exists():
         raise AtlasDGDError(f"input {args.data!r} does not exist")
-    else:
-        data = read_input(args.data)
-    model = DGD(data, label_key=args.label_key, covariate_keys=args.covariate_key, modalities=args.modality,
-                layer=args.layer, modality_key=args.modality_key, split_key=args.split_key,
-                latent_dim=args.latent_dim, n_components=args.components, seed=args.seed)
+    model_options = {"label_key": args.label_key, "covariate_keys": args.covariate_key, "modalities": args.modality,
+                     "latent_dim": args.latent_dim, "n_components": args.components, "seed": args.seed}
     options = {"max_epochs": args.epochs, "min_epochs": args.min_epochs, "patience": args.patience,
                "batch_size": args.batch_size, "hyperprior": args.hyperprior, "init": args.init,
                "gmm_init": args.gmm_init}
-    history = model.train(progress=not args.quiet, **{k: v for k, v in options.items() if v is not None})
-    model.save(args.out, overwrite=args.overwrite)
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.workers > 1:
+        if not is_store:
+            raise AtlasDGDError("--workers > 1 trains from an atlas store: run 'atlasdgd ingest' first")
+        from atlasdgd.distributed.ray_train import train_on_ray
+
+        history = train_on_ray(args.data, args.out, workers=args.workers, address=args.address,
+                               storage_options=_storage_options(args), model_options=model_options,
+                               train_options=options, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                               threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
+    else:
+        from atlasdgd import DGD
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        if is_store:
+            from atlasdgd.store.cells import open_store
+
+            data = open_store(args.data, _storage_options(args), label_key=args.label_key,
+                              covariate_keys=args.covariate_key or None, modalities=args.modality)
+        else:
+            data = read_input(args.data)
+        model = DGD(data, layer=args.layer, modality_key=args.modality_key, split_key=args.split_key, **model_options)
+        checkpoint_uri = args.out if args.checkpoint_every > 0 else None
+        history = model.train(progress=not args.quiet, checkpoint_uri=checkpoint_uri, resume=args.resume,
+                              checkpoint_every=max(1, args.checkpoint_every), **options)
+        model.save(args.out, overwrite=True)  # replaces the checkpoints: the model is complete
     best = history.loc[history["best"]] if "best" in history else history.tail(1)
     print(f"trained {len(history)} epochs (best {int(best['epoch'].iloc[0])}); model written to {args.out}")
 

@@ -172,14 +172,28 @@ class Trainer:
         val_loader=None,
         progress: bool = True,
         on_epoch: Callable[[dict], None] | None = None,
+        resume: dict | None = None,
+        after_epoch: Callable[[int, list[dict], EarlyStopping | None], None] | None = None,
     ) -> list[dict]:
-        """Train until early stopping (needs validation cells) or ``max_epochs``; keep the best state."""
+        """Train until early stopping (needs validation cells) or ``max_epochs``; keep the best state.
+
+        ``resume`` (from a checkpoint: ``epoch``, ``history``, ``stopper``, ``snapshot``) continues a run;
+        ``after_epoch`` is called after each epoch's bookkeeping (checkpoints), before the stop test.
+        """
         from tqdm.auto import tqdm
 
         cfg = self.config
         stopper = EarlyStopping(cfg.min_epochs, cfg.patience) if val_loader is not None else None
         history: list[dict] = []
-        bar = tqdm(range(cfg.max_epochs), desc="training", unit="epoch", disable=not progress, dynamic_ncols=True)
+        start = 0
+        if resume is not None:
+            history, start = list(resume["history"]), resume["epoch"] + 1
+            if stopper is not None:
+                stopper.best, stopper.best_epoch = resume["stopper"]["best"], resume["stopper"]["best_epoch"]
+                stopper.snapshot = resume.get("snapshot")
+        finished = stopper is not None and start > 0 and stopper.should_stop(start - 1)
+        bar = tqdm(range(start, cfg.max_epochs if not finished else start), desc="training", unit="epoch",
+                   disable=not progress, dynamic_ncols=True, initial=start, total=cfg.max_epochs)
         for epoch in bar:
             t0 = time.perf_counter()
             for loader in (train_loader, val_loader):
@@ -198,11 +212,12 @@ class Trainer:
             bar.set_postfix(post)
             if not math.isfinite(row["train_loss"]):
                 raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}: lower the learning rates")
-            if stopper is not None:
-                if stopper.update(epoch, row["val_recon"]):
-                    stopper.keep(self.state())
-                if stopper.should_stop(epoch):
-                    break
+            if stopper is not None and stopper.update(epoch, row["val_recon"]):
+                stopper.keep(self.state())
+            if after_epoch is not None:
+                after_epoch(epoch, history, stopper)
+            if stopper is not None and stopper.should_stop(epoch):
+                break
         bar.close()
         if stopper is not None and stopper.snapshot is not None:
             self.restore(stopper.snapshot)

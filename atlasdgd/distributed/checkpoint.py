@@ -1,0 +1,153 @@
+"""Training checkpoints at any fsspec URI; complete only when their manifest is written.
+
+    MODEL_URI/checkpoints/epoch-000012/
+      shard-0.safetensors ...   per worker: its cells' rows (global ids), values and Adam moments for
+                                the train and validation tables, and the best-so-far values
+      dense.safetensors         decoder, dispersions, mixtures, optimizer moments, best-so-far weights
+      state.json                epoch, history, early-stopping state, optimizer settings, world size
+      checkpoint.json           manifest, written last by worker 0 after every shard is written
+
+Workers write their shards in place and meet at a barrier; worker 0 then writes the dense state and
+the manifest. A checkpoint without a manifest (a job killed while writing) is never loaded. Loading
+reads every shard and keeps the rows a worker owns now, so a job may resume with another number of
+workers. The data order needs no RNG state: it is a function of (seed, epoch, rank).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+from atlasdgd.distributed import sync
+from atlasdgd.store.format import filesystem
+
+MANIFEST = "checkpoint.json"
+KEEP = 2  # complete checkpoints kept
+
+
+def _optimizer_tensors(optimizers) -> tuple[dict[str, torch.Tensor], list]:
+    tensors, groups = {}, []
+    for i, opt in enumerate(optimizers):
+        sd = opt.state_dict()
+        groups.append(sd["param_groups"])
+        for pid, state in sd["state"].items():
+            for key, value in state.items():
+                tensors[f"opt{i}.{pid}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+    return tensors, groups
+
+
+def _load_optimizers(optimizers, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    for i, opt in enumerate(optimizers):
+        state: dict = {}
+        for name, value in tensors.items():
+            prefix, pid, key = name.split(".", 2)
+            if prefix == f"opt{i}":
+                state.setdefault(int(pid), {})[key] = value
+        opt.load_state_dict({"state": state, "param_groups": groups[i]})
+
+
+class Checkpoints:
+    def __init__(self, model_uri: str, storage_options: dict | None = None):
+        self.fs, root = filesystem(model_uri, storage_options)
+        self.root = f"{root.rstrip('/')}/checkpoints"
+
+    def clear(self) -> None:
+        """Remove every checkpoint (a fresh run must not resume a stale one); worker 0 only."""
+        if sync.rank() == 0 and self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+        sync.barrier()
+
+    def _dir(self, epoch: int) -> str:
+        return f"{self.root}/epoch-{epoch:06d}"
+
+    def complete(self) -> list[str]:
+        """Complete checkpoint directories, oldest first."""
+        if not self.fs.exists(self.root):
+            return []
+        dirs = sorted(p for p in self.fs.ls(self.root, detail=False) if p.rstrip("/").split("/")[-1].startswith("epoch-"))
+        return [d for d in dirs if self.fs.exists(f"{d}/{MANIFEST}")]
+
+    def latest(self) -> str | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, epoch: int, trainer, rows: dict[str, np.ndarray], state: dict, best: dict | None) -> None:
+        """Every worker calls this at the same point; ``rows`` are the global cell ids of its tables."""
+        rank, world = sync.rank(), sync.world_size()
+        d = self._dir(epoch)
+        shard = {}
+        for split, table in (("train", trainer.train_table), ("validation", trainer.val_table)):
+            if table is None:
+                continue
+            shard.update({f"{split}.rows": torch.from_numpy(np.asarray(rows[split], dtype=np.int64)),
+                          f"{split}.values": table.values, f"{split}.exp_avg": table.exp_avg,
+                          f"{split}.exp_avg_sq": table.exp_avg_sq, f"{split}.steps": table.steps})
+            if best is not None and best.get(split) is not None:
+                shard[f"{split}.best"] = best[split]
+        self.fs.makedirs(d, exist_ok=True)
+        self.fs.pipe_file(f"{d}/shard-{rank}.safetensors", save_bytes({k: v.contiguous() for k, v in shard.items()}))
+        sync.barrier()
+        if rank == 0:
+            dense = {f"module.{k}": v.detach().contiguous() for k, v in trainer.module.state_dict().items()}
+            opt_tensors, groups = _optimizer_tensors(trainer.optimizers)
+            dense.update(opt_tensors)
+            if best is not None and best.get("module") is not None:
+                dense.update({f"best.{k}": v.contiguous() for k, v in best["module"].items()})
+            self.fs.pipe_file(f"{d}/dense.safetensors", save_bytes(dense))
+            self.fs.pipe_file(f"{d}/state.json", json.dumps({**state, "optimizer_groups": groups, "world_size": world,
+                                                             "epoch": epoch}).encode())
+            self.fs.pipe_file(f"{d}/{MANIFEST}", json.dumps({"epoch": epoch, "world_size": world}).encode())
+            for old in self.complete()[:-KEEP]:
+                self.fs.rm(old, recursive=True)
+        sync.barrier()
+
+    def load(self, path: str, trainer, rows: dict[str, np.ndarray]) -> tuple[dict, dict | None]:
+        """Restore dense state and this worker's rows; returns (state, best-so-far snapshot or None)."""
+        state = json.loads(self.fs.cat_file(f"{path}/state.json"))
+        dense = load_bytes(self.fs.cat_file(f"{path}/dense.safetensors"))
+        trainer.module.load_state_dict({k[7:]: v for k, v in dense.items() if k.startswith("module.")})
+        _load_optimizers(trainer.optimizers, {k: v for k, v in dense.items() if k.startswith("opt")},
+                         state["optimizer_groups"])
+        best_module = {k[5:]: v for k, v in dense.items() if k.startswith("best.")}
+        shards = [load_bytes(self.fs.cat_file(f"{path}/shard-{r}.safetensors")) for r in range(state["world_size"])]
+        best = {"module": best_module or None}
+        for split, table in (("train", trainer.train_table), ("validation", trainer.val_table)):
+            if table is None:
+                continue
+            merged = {key: torch.cat([s[f"{split}.{key}"] for s in shards])
+                      for key in ("rows", "values", "exp_avg", "exp_avg_sq", "steps")}
+            order = merged["rows"].numpy()
+            pos = {int(r): i for i, r in enumerate(order)}
+            mine = torch.as_tensor([pos[int(r)] for r in rows[split]], dtype=torch.long)
+            table.values = merged["values"][mine].clone()
+            table.exp_avg = merged["exp_avg"][mine].clone()
+            table.exp_avg_sq = merged["exp_avg_sq"][mine].clone()
+            table.steps = merged["steps"][mine].clone()
+            if all(f"{split}.best" in s for s in shards):
+                best[split] = torch.cat([s[f"{split}.best"] for s in shards])[mine].clone()
+        return state, (best if best["module"] is not None else None)
+
+
+def write_final_rows(model_uri: str, storage_options: dict | None, rows: np.ndarray, values: np.ndarray) -> None:
+    """Each worker's final representations (all splits), for worker 0 to assemble the model."""
+    fs, root = filesystem(model_uri, storage_options)
+    d = f"{root.rstrip('/')}/checkpoints/final"
+    fs.makedirs(d, exist_ok=True)
+    fs.pipe_file(f"{d}/rows-{sync.rank()}.safetensors",
+                 save_bytes({"rows": torch.from_numpy(np.asarray(rows, np.int64)), "values": torch.from_numpy(values)}))
+    sync.barrier()
+
+
+def read_final_rows(model_uri: str, storage_options: dict | None, n_cells: int, dim: int) -> np.ndarray:
+    fs, root = filesystem(model_uri, storage_options)
+    d = f"{root.rstrip('/')}/checkpoints/final"
+    out = np.zeros((n_cells, dim), dtype=np.float32)
+    for r in range(sync.world_size()):
+        part = load_bytes(fs.cat_file(f"{d}/rows-{r}.safetensors"))
+        out[part["rows"].numpy()] = part["values"].numpy()
+    return out
+
