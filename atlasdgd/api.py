@@ -415,16 +415,17 @@ class DGD:
         return sample_cells(self, n, component, covariates or {}, library or {}, seed)
 
     # -- persistence ---------------------------------------------------------------------
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False, storage_options: dict | None = None):
+        """Write the model directory (a local path or a remote URI such as s3://bucket/model)."""
         self._require_trained()
         files = ModelFiles(self.module, self.model_config, self.train_config, self.vocab, self.cells, self.history,
                            self.library_model)
-        return write_model(path, files, overwrite=overwrite)
+        return write_model(path, files, overwrite=overwrite, storage_options=storage_options)
 
     @classmethod
-    def load(cls, path: str | Path) -> "DGD":
-        """Load a saved model; the training data are not needed."""
-        files = read_model(path)
+    def load(cls, path: str | Path, storage_options: dict | None = None) -> "DGD":
+        """Load a saved model (local path or remote URI); the training data are not needed."""
+        files = read_model(path, storage_options)
         model = cls()
         model.data = None
         model.module, model.model_config, model.train_config = files.module, files.model_config, files.train_config

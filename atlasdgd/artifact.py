@@ -64,7 +64,36 @@ class ModelFiles:
     library_model: LibraryModel | None = None
 
 
-def write_model(path: str | Path, files: ModelFiles, overwrite: bool = False, plot: bool = True) -> Path:
+def _is_remote(path) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def write_model(path: str | Path, files: ModelFiles, overwrite: bool = False, plot: bool = True,
+                storage_options: dict | None = None):
+    """Write a model directory; ``path`` may be a remote fsspec URI (s3://...): the model is written
+    locally, then uploaded with its manifest last, so an interrupted upload is never complete."""
+    if _is_remote(path):
+        import tempfile
+
+        from atlasdgd.store.format import filesystem
+
+        fs, root = filesystem(str(path), storage_options)
+        if fs.exists(f"{root}/{MANIFEST}") and not overwrite:
+            raise ModelFileError(f"{str(path)!r} already holds a model: choose another URI or pass overwrite (--overwrite)")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            write_model(local, files, plot=plot)
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+            for item in sorted(local.iterdir()):
+                if item.name != MANIFEST:
+                    fs.put(str(item), f"{root}/{item.name}", recursive=item.is_dir())
+            fs.put(str(local / MANIFEST), f"{root}/{MANIFEST}")
+        return str(path)
+    return _write_local(path, files, overwrite, plot)
+
+
+def _write_local(path: str | Path, files: ModelFiles, overwrite: bool, plot: bool) -> Path:
     from atlasdgd import __version__
 
     with atomic_directory(path, overwrite) as tmp:
@@ -114,7 +143,20 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def read_model(path: str | Path) -> ModelFiles:
+def read_model(path: str | Path, storage_options: dict | None = None) -> ModelFiles:
+    if _is_remote(path):  # download, then read like a local directory
+        import tempfile
+
+        from atlasdgd.store.format import filesystem
+
+        fs, root = filesystem(str(path), storage_options)
+        if not fs.exists(f"{root}/{MANIFEST}"):
+            raise ModelFileError(f"{str(path)!r} has no {MANIFEST}: it is not a complete atlasdgd model")
+        with tempfile.TemporaryDirectory() as tmp:
+            fs.get(root.rstrip("/") + "/", f"{tmp}/model/", recursive=True)
+            files = read_model(Path(tmp) / "model")
+            files.cells = files.cells.to_memory() if hasattr(files.cells, "to_memory") else files.cells
+            return files
     path = Path(path)
     manifest = read_manifest(path)
     model_config = ModelConfig.from_dict(manifest["model"])

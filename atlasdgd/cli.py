@@ -89,6 +89,7 @@ def _add_train(sub) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster is started)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--gpus", action="store_true", help="one GPU per Ray worker (NCCL)")
     _add_storage_option(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -247,6 +248,8 @@ def _check_train_target(args) -> None:
     """--out must be new, or hold checkpoints to --resume from, or be replaced with --overwrite."""
     from atlasdgd.atomic import check_writable_target
 
+    if "://" in args.out:  # remote model URI: checkpoints there decide, see atlasdgd.distributed.checkpoint
+        return
     out = Path(args.out)
     if args.resume:
         if not (out / "checkpoints").is_dir():
@@ -282,7 +285,8 @@ def cmd_train(args) -> None:
         history = train_on_ray(args.data, args.out, workers=args.workers, address=args.address,
                                storage_options=_storage_options(args), model_options=model_options,
                                train_options=options, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                               threads=args.threads, overwrite=args.overwrite, progress=not args.quiet)
+                               threads=args.threads, overwrite=args.overwrite, use_gpu=args.gpus,
+                               progress=not args.quiet)
     else:
         from atlasdgd import DGD
 
@@ -301,7 +305,7 @@ def cmd_train(args) -> None:
         checkpoint_uri = args.out if args.checkpoint_every > 0 else None
         history = model.train(progress=not args.quiet, checkpoint_uri=checkpoint_uri, resume=args.resume,
                               checkpoint_every=max(1, args.checkpoint_every), **options)
-        model.save(args.out, overwrite=True)  # replaces the checkpoints: the model is complete
+        model.save(args.out, overwrite=True, storage_options=_storage_options(args))  # replaces the checkpoints
     best = history.loc[history["best"]] if "best" in history else history.tail(1)
     print(f"trained {len(history)} epochs (best {int(best['epoch'].iloc[0])}); model written to {args.out}")
 

@@ -316,3 +316,12 @@ def test_s3_round_trip_ingest_and_train(h5mu, s3, tmp_path):
                  *option_args]) == 0
     with pytest.raises(StoreError, match="no atlas store"):
         open_store("s3://atlas-bucket/missing.zarr", s3)
+    # model directories go to and come from object storage too (manifest uploaded last)
+    import atlasdgd
+
+    model = atlasdgd.DGD.load(tmp_path / "model")
+    model.save("s3://atlas-bucket/models/m", storage_options=s3)
+    again = atlasdgd.DGD.load("s3://atlas-bucket/models/m", storage_options=s3)
+    np.testing.assert_array_equal(again.representation, model.representation)
+    with pytest.raises(Exception, match="already holds a model"):
+        model.save("s3://atlas-bucket/models/m", storage_options=s3)

@@ -40,7 +40,7 @@ def _worker(config: dict) -> None:
                           storage_options=config["storage_options"], resume=resume,
                           checkpoint_every=config["checkpoint_every"], **config["train"])
     if sync.rank() == 0:
-        model.save(config["out"], overwrite=True)
+        model.save(config["out"], overwrite=True, storage_options=config["storage_options"])
 
 
 def _attempt_marker(config: dict, read: bool) -> bool:
@@ -90,7 +90,8 @@ def train_on_ray(store: str, out: str, *, workers: int, address: str | None = No
         "train": dict(train_options or {}), "resume": resume, "checkpoint_every": max(1, checkpoint_every),
         "threads": threads, "progress": progress, "run_id": f"{int(time.time() * 1000)}-{os.getpid()}",
     }
-    storage = Path(out).resolve().parent / f".{Path(out).name}.ray"
+    # Ray's own run storage (not our checkpoints): a local scratch folder
+    storage = (Path(out).resolve().parent if "://" not in str(out) else Path.cwd()) / f".{Path(str(out)).name}.ray"
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config,
@@ -105,5 +106,8 @@ def train_on_ray(store: str, out: str, *, workers: int, address: str | None = No
 
     shutil.rmtree(storage, ignore_errors=True)
     from atlasdgd.artifact import HISTORY
+    from atlasdgd.store.format import filesystem
 
-    return pd.read_csv(Path(out) / HISTORY)
+    fs, root = filesystem(config["out"], storage_options)
+    with fs.open(f"{root.rstrip('/')}/{HISTORY}") as f:
+        return pd.read_csv(f)
