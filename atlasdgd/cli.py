@@ -172,10 +172,11 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="simulate a small RNA+ATAC atlas, train, embed and plot")
+    p = sub.add_parser("demo", help="simulate an RNA+ATAC atlas into a store, train on Ray workers, map a new batch, plot")
     p.add_argument("--out", default="atlasdgd-demo", help="output folder (default ./atlasdgd-demo)")
     p.add_argument("--cells", type=int, default=4000)
     p.add_argument("--epochs", type=int, default=200, help="maximum epochs")
+    p.add_argument("--workers", type=int, default=2, help="Ray workers (1: train in this process)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -488,7 +489,7 @@ def cmd_demo(args) -> None:
     from atlasdgd.demo import run_demo
 
     run_demo(args.out, n_cells=args.cells, max_epochs=args.epochs, seed=args.seed, overwrite=args.overwrite,
-             progress=not args.quiet)
+             progress=not args.quiet, workers=args.workers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,10 @@ from atlasdgd.demo import run_demo
 
 def test_demo_writes_data_model_embeddings_plot_and_metrics(tmp_path, capsys):
     out = tmp_path / "demo"
-    metrics = run_demo(out, n_cells=500, max_epochs=3, progress=False)
+    metrics = run_demo(out, n_cells=500, max_epochs=3, progress=False, workers=1)  # Ray: tests/test_ray.py
     printed = capsys.readouterr().out
-    for name in ("atlas.h5mu", "model", "cells.h5ad", "mapped.h5ad", "embedding.png", "metrics.json"):
+    for name in ("atlas.h5mu", "atlas.zarr", "new_batch.h5mu", "model", "cells.h5ad", "mapped.h5ad", "embedding.png",
+                 "metrics.json"):
         assert (out / name).exists(), name
         assert str(out / name) in printed
     assert (out / "model" / MANIFEST).exists()

@@ -4,6 +4,7 @@ Each TorchTrainer.fit costs ~20 s here, so Ray starts once per session and these
 """
 
 import os
+from pathlib import Path
 import signal
 import subprocess
 import threading
@@ -44,6 +45,37 @@ def single(store):
     model = atlasdgd.DGD(str(store), seed=0)
     model.train(progress=False, **TRAIN)
     return model
+
+
+def test_a_second_ray_node_carries_a_worker(store, tmp_path):
+    """Two nodes of one CPU each on this machine: two 1-CPU workers must use both. Runs before the
+    in-process Ray session starts (``ray stop`` ends every Ray process on the machine)."""
+    import json
+    import socket
+    import sys
+
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    # a local multi-node cluster without token authentication (nodes would need a shared token)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
+    common = ["--disable-usage-stats"]
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                    "--resources", json.dumps({"node_a": 1}), *common], check=True, env=env, capture_output=True)
+    try:
+        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                        "--resources", json.dumps({"node_b": 1}), *common], check=True, env=env, capture_output=True)
+        out = tmp_path / "model"
+        res = subprocess.run([sys.executable, "-m", "atlasdgd.cli", "train", str(store), "--out", str(out), "--workers", "2",
+                              "--threads", "1", "--address", f"127.0.0.1:{port}", "--epochs", "2", "--min-epochs", "1",
+                              "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        model = atlasdgd.DGD.load(out)
+        assert model.cells.n_obs == 3000
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
 
 
 def _quality(model):
@@ -104,3 +136,4 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(ray_session, store, s
     ari_ray, val_ray = _quality(model)
     ari_one, val_one = _quality(single)
     assert abs(val_ray - val_one) / val_one < 0.02 and ari_ray > 0.9
+
