@@ -19,7 +19,7 @@ import torch
 
 from atlasdgd.artifact import ModelFiles, Vocabulary, read_model, write_model
 from atlasdgd.data.adapters import prepare
-from atlasdgd.data.cells import SPLIT_KEY, CellData
+from atlasdgd.data.cells import SPLIT_KEY
 from atlasdgd.errors import AtlasDGDError
 from atlasdgd.infer.library import LibraryModel
 from atlasdgd.infer.new_classes import learn_new_classes
@@ -147,6 +147,7 @@ class DGD:
             return data.loader(rows[split], cfg.batch_size, shuffle=shuffle, seed=cfg.seed, rank=rank, world_size=world)
 
         tables = {s: RepresentationTable(torch.from_numpy(init[mine[s]]), cfg.lr_representation, cfg.betas) for s in rows}
+        del init  # the tables hold this worker's rows from here on
         has_val = len(rows["validation"]) > 0
         trainer = Trainer(module, cfg, tables["train"], tables["validation"] if has_val else None,
                           n_train_total=len(rows["train"]))

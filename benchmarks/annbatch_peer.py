@@ -38,7 +38,7 @@ def main() -> None:
         shutil.rmtree(path)
     t0 = time.perf_counter()
     collection = DatasetCollection(str(path))
-    collection.add_anndatas(anndata_paths=[args.input], shuffle=True)
+    collection.add_adatas(adata_paths=[args.input], shuffle=True)
     out["annbatch_convert_s"] = round(time.perf_counter() - t0, 1)
 
     def load(g: zarr.Group) -> ad.AnnData:  # counts only, like atlasdgd's loader

@@ -1,12 +1,10 @@
 """Data-parallel training: two gloo workers equal one process on the union of their batches."""
 
-import math
 import socket
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -119,7 +119,7 @@ class StoreCells(CellTable):
         onehot = sparse.csr_matrix((np.ones(len(fit)), (gf, np.arange(len(fit)))), shape=(n_groups, len(fit)))
         group_means = np.asarray((onehot @ yf).todense()) / np.maximum(np.bincount(gf, minlength=n_groups), 1)[:, None]
         k = min(dim, min(yf.shape) - 1)
-        z = np.zeros((self.n_cells, dim))
+        z = np.zeros((self.n_cells, dim), dtype=np.float32)  # float32: N x dim for every cell of the atlas
         if k < 1:
             return z.astype(np.float32)
         v = centred_components(yf, gf, group_means, k, seed)

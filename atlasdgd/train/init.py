@@ -100,8 +100,8 @@ def scale_to_radius(z: np.ndarray, fit_rows: np.ndarray, radius: float) -> np.nd
     """One factor for all cells so the mean norm of the ``fit_rows`` cells is radius / 2."""
     mean_norm = np.linalg.norm(z[fit_rows], axis=1).mean()
     if mean_norm > 0:
-        z = z * (0.5 * radius / mean_norm)
-    return z.astype(np.float32)
+        z *= 0.5 * radius / mean_norm  # in place: z is one value per cell and dimension
+    return z.astype(np.float32, copy=False)
 
 
 def mixture_start(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from atlasdgd.distributed.sync import all_reduce_sum, allreduce_gradients, world_size
 from atlasdgd.model.module import Batch, DGDModule
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.train.config import TrainConfig
@@ -40,8 +41,6 @@ class EpochStats:
 
     def all_reduce(self) -> "EpochStats":
         """Sum the statistics over data-parallel workers (a no-op in one process)."""
-        from atlasdgd.distributed.sync import all_reduce_sum
-
         keys = list(self.recon)
         values = all_reduce_sum([self.cells, self.objective] + [self.recon[m] for m in keys]
                                 + [self.recon_cells[m] for m in keys])
@@ -92,8 +91,6 @@ class Trainer:
         self.train_table, self.val_table = train_table, val_table
         self.n_train_total = n_train_total or len(train_table)
         # summing dense gradients over data-parallel workers (a no-op in one process)
-        from atlasdgd.distributed.sync import allreduce_gradients
-
         self.sync_gradients = sync_gradients or allreduce_gradients
         betas = config.betas
         self.optimizers = [
@@ -112,8 +109,6 @@ class Trainer:
         return 1.0 / self.n_train_total if self.config.hyperprior == "dataset" else 1.0
 
     def train_step(self, batch: Batch):
-        from atlasdgd.distributed.sync import all_reduce_sum, world_size
-
         z = self.train_table.gather(batch.index)
         terms = self.module.losses(batch, z)
         per_cell = terms.per_cell()
