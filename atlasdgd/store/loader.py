@@ -124,22 +124,17 @@ class StreamingLoader:
             yield self._assemble(positions, window_of, loaded)
 
     def _assemble(self, positions: np.ndarray, window_of: np.ndarray, loaded) -> Batch:
+        """Dense counts of the batch's cells, scattered straight from the windows' CSR arrays."""
+        windows = window_of[positions]
         counts = {}
         for m in self.cells.modalities:
-            pieces = []
-            for w in np.unique(window_of[positions]):
+            out = np.zeros((len(positions), self.cells.n_features(m)), dtype=np.float32)
+            for w in np.unique(windows):
                 block, pos = loaded[int(w)]
-                pieces.append((positions[window_of[positions] == w], block[m], pos))
-            rows = []
-            for want, block, pos in pieces:
-                rows.append(block[np.searchsorted(pos, want)])
-            x = sparse.vstack(rows, format="csr")
-            # pieces are grouped by window; restore the batch's (sorted) order
-            got = np.concatenate([want for want, _, _ in pieces])
-            x = x[np.argsort(got, kind="stable")]
-            counts[m] = torch.from_numpy(x.toarray())
-        cells = self.rows[positions]
-        return self.cells.batch(torch.from_numpy(positions), cells, counts)
+                want = positions[windows == w]
+                _scatter_rows(block[m], np.searchsorted(pos, want), out, np.searchsorted(positions, want))
+            counts[m] = torch.from_numpy(out)
+        return self.cells.batch(torch.from_numpy(positions), self.rows[positions], counts)
 
     def __iter__(self) -> Iterator[Batch]:
         windows = self._windows(self.plan.order(self.epoch))
@@ -178,3 +173,15 @@ class StreamingLoader:
                     q.get_nowait()
                 except queue.Empty:
                     thread.join(timeout=0.05)
+
+
+def _scatter_rows(x: sparse.csr_matrix, rows: np.ndarray, out: np.ndarray, out_rows: np.ndarray) -> None:
+    """``out[out_rows[i]] = x[rows[i]]`` (dense) without building intermediate sparse matrices."""
+    starts, ends = x.indptr[rows], x.indptr[rows + 1]
+    lengths = ends - starts
+    if lengths.sum() == 0:
+        return
+    # flat positions of every selected row's non-zeros: its start plus 0..length-1
+    first = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    flat = first + np.arange(lengths.sum())
+    out[np.repeat(out_rows, lengths), x.indices[flat]] = x.data[flat]
