@@ -62,7 +62,7 @@ def _add_ingest(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a DGD model on an .h5ad/.h5mu file")
+    p = sub.add_parser("train", help="train a DGD model on an .h5ad/.h5mu file or an atlas store (--workers N: on Ray)")
     p.add_argument("data", help="input .h5ad, .h5mu or AnnData .zarr with raw counts, or an atlas store URI")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--label-key", help="obs column with cell-type labels (sets the number of mixture components)")
