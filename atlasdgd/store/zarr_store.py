@@ -234,6 +234,3 @@ class ZarrAtlasStore:
             lo, hi = int(sel[0]), int(sel[-1]) + 1
             parts.append(self.read_range(modality, lo, hi)[sel - lo])
         return sparse.vstack(parts, format="csr")
-
-    def open_in_worker(self) -> "ZarrAtlasStore":
-        return self
