@@ -11,6 +11,15 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 DATA_DIR = Path(os.environ.get("ATLASDGD_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def shared_data(name: str) -> Path:
     """Path of a shared real data set; skips the test (saying why) when it is absent."""
     path = DATA_DIR / name

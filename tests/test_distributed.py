@@ -1,12 +1,13 @@
 """Data-parallel training: two gloo workers equal one process on the union of their batches."""
 
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from conftest import free_port
 
 WORKER = r'''
 import math, sys, numpy as np, torch, torch.distributed as dist
@@ -54,16 +55,8 @@ save_file(state, f"{out}/rank{rank}_of{world}.safetensors", metadata={"train_los
 '''
 
 
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def _run(world: int, out) -> None:
-    port = _port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(world), str(port), str(out)])
              for r in range(world)]
     for p in procs:

@@ -17,6 +17,7 @@ from sklearn.metrics import adjusted_rand_score
 import atlasdgd
 from atlasdgd.distributed.checkpoint import MANIFEST
 from atlasdgd.simulate import SimulationConfig, write_simulation_store
+from conftest import free_port
 
 ray = pytest.importorskip("ray")
 
@@ -51,14 +52,10 @@ def test_a_second_ray_node_carries_a_worker(store, tmp_path):
     """Two nodes of one CPU each on this machine: two 1-CPU workers must use both. Runs before the
     in-process Ray session starts (``ray stop`` ends every Ray process on the machine)."""
     import json
-    import socket
     import sys
 
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     # a local multi-node cluster without token authentication (nodes would need a shared token)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled"}
     common = ["--disable-usage-stats"]

@@ -4,7 +4,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from atlasdgd.store.loader import BlockShufflePlan
 from atlasdgd.store.zarr_store import StoreWriter
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.trainer import Trainer
+from conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -284,10 +284,7 @@ def s3():
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     options = {"key": "test", "secret": "test", "endpoint_url": f"http://127.0.0.1:{port}"}

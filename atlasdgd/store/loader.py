@@ -56,9 +56,10 @@ class BlockShufflePlan:
             out.append(window[rng.permutation(len(window))])
         return np.concatenate(out) if out else pos
 
-    def batches(self, epoch: int) -> list[np.ndarray]:
+    def batches(self, epoch: int, order: np.ndarray | None = None) -> list[np.ndarray]:
         """``n_steps`` arrays of positions (sorted within each batch), covering every position once."""
-        return [np.sort(b) for b in np.array_split(self.order(epoch), self.n_steps)]
+        order = self.order(epoch) if order is None else order
+        return [np.sort(b) for b in np.array_split(order, self.n_steps)]
 
 
 class StreamingLoader:
@@ -105,10 +106,9 @@ class StreamingLoader:
             out[m] = sparse.vstack(parts, format="csr") if parts else sparse.csr_matrix((0, self.cells.n_features(m)))
         return out, positions
 
-    def _batches(self, epoch: int, windows_in) -> Iterator[Batch]:
+    def _batches(self, epoch: int, order: np.ndarray, windows_in) -> Iterator[Batch]:
         """Assemble the epoch's batches from windows arriving in order from ``windows_in``."""
-        order = self.plan.order(epoch)
-        batches = [np.sort(b) for b in np.array_split(order, self.plan.n_steps)]
+        batches = self.plan.batches(epoch, order)
         span = self.plan.chunk_cells * self.plan.buffer_chunks
         window_of = np.empty(len(order), dtype=np.int64)
         window_of[order] = np.arange(len(order)) // span
@@ -137,9 +137,10 @@ class StreamingLoader:
         return self.cells.batch(torch.from_numpy(positions), self.rows[positions], counts)
 
     def __iter__(self) -> Iterator[Batch]:
-        windows = self._windows(self.plan.order(self.epoch))
+        order = self.plan.order(self.epoch)
+        windows = self._windows(order)
         if self.prefetch <= 0:
-            yield from self._batches(self.epoch, (self._read(w) for w in windows))
+            yield from self._batches(self.epoch, order, (self._read(w) for w in windows))
             return
         # the reading thread does the I/O and decoding of whole windows (zarr and TileDB release the
         # GIL there); batches are cut from loaded windows here, which is cheap
@@ -165,7 +166,7 @@ class StreamingLoader:
         thread = threading.Thread(target=produce, daemon=True, name="atlasdgd-prefetch")
         thread.start()
         try:
-            yield from self._batches(self.epoch, consume())
+            yield from self._batches(self.epoch, order, consume())
         finally:
             stop.set()
             while thread.is_alive():  # unblock a producer waiting on a full queue
