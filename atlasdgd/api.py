@@ -18,21 +18,20 @@ import pandas as pd
 import torch
 
 from atlasdgd.artifact import ModelFiles, Vocabulary, read_model, write_model
-from atlasdgd.data.adapters import prepare
-from atlasdgd.data.cells import SPLIT_KEY
 from atlasdgd.errors import AtlasDGDError
 from atlasdgd.infer.library import LibraryModel
-from atlasdgd.infer.new_classes import learn_new_classes
-from atlasdgd.infer.outputs import CLUSTER_KEY, EMBEDDING_KEY, append_cells, mapped_cells_table, predicted_modalities
-from atlasdgd.infer.query import DEFAULT_MIN_OVERLAP, Query, align_query
 from atlasdgd.infer.mapping import MappingOptions, map_cells
+from atlasdgd.infer.new_classes import learn_new_classes
+from atlasdgd.infer.outputs import (EMBEDDING_KEY, append_cells, component_labels, mapped_cells_table,
+                                    predicted_modalities,
+                                    training_cells_table)
+from atlasdgd.infer.query import DEFAULT_MIN_OVERLAP, Query, align_query
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import DGDModule
-from atlasdgd.optim.row_adam import RepresentationTable
+from atlasdgd.runtime.device import on_device_of, resolve_device, to_numpy
+from atlasdgd.store.sources import open_cells
 from atlasdgd.train.config import TrainConfig
-from atlasdgd.train.init import mixture_start, pca_representations
-from atlasdgd.train.trainer import Trainer
-
+from atlasdgd.train.run import run_training
 
 
 class DGD:
@@ -55,7 +54,7 @@ class DGD:
 
     def __init__(
         self,
-        data=None,
+        data,
         *,
         label_key: str | None = None,
         covariate_keys: list[str] | tuple[str, ...] = (),
@@ -67,33 +66,22 @@ class DGD:
         latent_dim: int = 20,
         n_components: int | None = None,
         seed: int = 0,
+        device: str | torch.device = "auto",
+        storage_options: dict | None = None,
         **model_options,
     ):
-        self.cells: ad.AnnData | None = None
-        self.history = pd.DataFrame()
-        self.library_model: LibraryModel | None = None
-        self.train_config = TrainConfig(seed=seed)
-        if data is None:  # filled by load()
-            return
-        if isinstance(data, (str, Path)):  # an atlas store (zarr or TileDB-SOMA) at a URI
-            from atlasdgd.store.cells import open_store
-
-            data = open_store(str(data), label_key=label_key, covariate_keys=list(covariate_keys) or None,
-                              modalities=modalities)
-        if _is_store(data):
-            self.data = data
-            label_key = data.label_key
-        else:
-            self.data = prepare(data, label_key=label_key, covariate_keys=list(covariate_keys), modalities=modalities,
-                                layer=layer, modality_key=modality_key, split_key=split_key,
-                                split_fractions=split_fractions, seed=seed)
+        self.device = resolve_device(device)  # before any work: a missing GPU fails here
+        self.data = open_cells(data, label_key=label_key, covariate_keys=covariate_keys, modalities=modalities,
+                               layer=layer, modality_key=modality_key, split_key=split_key,
+                               split_fractions=split_fractions, seed=seed, storage_options=storage_options)
+        label_key = self.data.label_key  # a store carries its own default
         labels = self.data.label_classes()
         if n_components is None:
             n_components = len(labels) if labels else 1
         if n_components < 1:
             raise AtlasDGDError(f"n_components must be >= 1, got {n_components}")
         self.model_config = ModelConfig(
-            modalities={m: len(self.data.feature_names[m]) for m in self.data.modalities},
+            modalities={m: self.data.n_features(m) for m in self.data.modalities},
             latent_dim=latent_dim,
             n_components=n_components,
             covariates={k: len(v) for k, v in self.data.covariate_classes().items()},
@@ -106,161 +94,47 @@ class DGD:
             covariates=self.data.covariate_classes(),
         )
         torch.manual_seed(seed)
-        self.module = DGDModule(self.model_config, generator=torch.Generator().manual_seed(seed))
+        self.module = DGDModule(self.model_config, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        self.train_config = TrainConfig(seed=seed)
+        self.cells: ad.AnnData | None = None
+        self.history = pd.DataFrame()
+        self.library_model: LibraryModel | None = None
 
     # -- training ------------------------------------------------------------------------
     def train(self, progress: bool = True, on_epoch=None, checkpoint_uri: str | None = None,
               storage_options: dict | None = None, resume: bool = False, checkpoint_every: int = 1,
               **train_options) -> pd.DataFrame:
-        """Fit decoder, mixtures and representations; returns the per-epoch history.
+        """Fit decoder, mixtures and representations on the model's device; returns the per-epoch history.
 
         ``on_epoch`` is called with each epoch's history row (for logging). ``train_options`` are
         :class:`~atlasdgd.train.config.TrainConfig` fields (``max_epochs``, ``batch_size``, learning
-        rates, ``hyperprior``, ``init``, ...). With ``checkpoint_uri`` a checkpoint is written every
-        ``checkpoint_every`` epochs (:mod:`atlasdgd.distributed.checkpoint`); ``resume`` continues from
-        the latest complete one. Under torch.distributed (Ray Train workers) this is one worker's part:
-        it trains the representation rows of its own cells only (see :mod:`atlasdgd.distributed`).
+        rates, ``hyperprior``, ``init``, ``precision``, ...). With ``checkpoint_uri`` a checkpoint is
+        written every ``checkpoint_every`` epochs (:mod:`atlasdgd.train.checkpoint`); ``resume``
+        continues from the latest complete one. Under torch.distributed (Ray Train workers) this is
+        one worker's part (see :func:`atlasdgd.train.run.run_training`).
         """
-        from atlasdgd.distributed import sync
-        from atlasdgd.distributed.checkpoint import Checkpoints, read_final_rows, write_final_rows
-        from atlasdgd.store.loader import shard_rows
-
-        if getattr(self, "data", None) is None:
+        if self.data is None:
             raise AtlasDGDError("this model has no training data attached (it was loaded): create DGD(data, ...) to train")
         cfg = TrainConfig(**{**self.train_config.to_dict(), **train_options})
-        rank, world = sync.rank(), sync.world_size()
-        if world > 1 and checkpoint_uri is None:
-            raise AtlasDGDError("several workers need a checkpoint_uri (the model URI) to assemble the model")
-        if checkpoint_every < 1:
-            raise AtlasDGDError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         self.train_config = cfg
-        torch.manual_seed(cfg.seed)
-        data, module = self.data, self.module
-        rows = {s: data.split_rows(s) for s in ("train", "validation", "test")}
-        init = self._initial_representations(cfg)  # every cell, the same on every worker
-        if cfg.init == "pca":
-            self._start_mixture(init[rows["train"], : self.model_config.latent_dim], rows["train"], cfg)
-        sync.broadcast_module(module)
-        mine = {s: shard_rows(r, rank, world) for s, r in rows.items()}  # this worker's cells
-
-        def loader(split: str, shuffle: bool = True):
-            return data.loader(rows[split], cfg.batch_size, shuffle=shuffle, seed=cfg.seed, rank=rank, world_size=world)
-
-        tables = {s: RepresentationTable(torch.from_numpy(init[mine[s]]), cfg.lr_representation, cfg.betas) for s in rows}
-        del init  # the tables hold this worker's rows from here on
-        has_val = len(rows["validation"]) > 0
-        trainer = Trainer(module, cfg, tables["train"], tables["validation"] if has_val else None,
-                          n_train_total=len(rows["train"]))
-        checkpoints = Checkpoints(checkpoint_uri, storage_options) if checkpoint_uri else None
-        if checkpoints is not None and not resume:
-            checkpoints.clear()
-        resume_state = None
-        if checkpoints is not None and resume and (latest := checkpoints.latest()) is not None:
-            state, best = checkpoints.load(latest, trainer, mine)
-            resume_state = {"epoch": state["epoch"], "history": state["history"], "stopper": state["stopper"],
-                            "snapshot": None if best is None else
-                            {"module": best["module"], "train": best.get("train"), "val": best.get("validation")}}
-
-        def after_epoch(epoch, history, stopper):
-            if checkpoints is None or (epoch + 1) % checkpoint_every:
-                return
-            snap = None if stopper is None else stopper.snapshot
-            best = None if snap is None else {"module": snap["module"], "train": snap["train"], "validation": snap["val"]}
-            checkpoints.save(epoch, trainer, mine, {"history": history,
-                                                    "stopper": None if stopper is None else stopper.state_dict()}, best)
-
-        history = trainer.fit(loader("train"), loader("validation") if has_val else None,
-                              progress=progress and rank == 0, on_epoch=on_epoch, resume=resume_state,
-                              after_epoch=after_epoch)
-        module.eval()
-        values = {s: tables[s].values.numpy() for s in rows}
-        if len(mine["test"]):  # held-out cells are mapped the way new cells are
-            values["test"] = map_cells(module, data, self.mapping_options(epochs=cfg.heldout_epochs), rows=mine["test"],
-                                       progress=progress and rank == 0).values
-        dim = self.model_config.representation_dim
-        if world > 1:  # rows travel once, through the model URI, to worker 0
-            write_final_rows(checkpoint_uri, storage_options, np.concatenate([mine[s] for s in rows]),
-                             np.concatenate([values[s].reshape(-1, dim) for s in rows]))
-            if rank != 0:
-                self.history = pd.DataFrame(history)
-                return self.history
-            all_values = read_final_rows(checkpoint_uri, storage_options, data.n_cells, dim)
-        else:
-            all_values = np.zeros((data.n_cells, dim), dtype=np.float32)
-            for s in rows:
-                all_values[mine[s]] = values[s]
-        train_rows = rows["train"]
-        self.library_model = LibraryModel.fit({m: data.library(m)[train_rows] for m in data.modalities},
-                                              {m: o[train_rows] for m, o in data.observed.items()})
-        self.history = pd.DataFrame(history)
-        self.cells = self._cells_table(all_values)
-        self.vocab.component_labels = self._component_labels()
+        labels = self.data.label_codes() if self.vocab.label_key else None
+        result = run_training(self.module, self.data, cfg, label_codes=labels, n_labels=len(self.vocab.labels),
+                              device=self.device,
+                              checkpoint_uri=checkpoint_uri, storage_options=storage_options, resume=resume,
+                              checkpoint_every=checkpoint_every, progress=progress, on_epoch=on_epoch)
+        self.history = pd.DataFrame(result.history)
+        if result.values is None:  # a worker other than 0: worker 0 holds the model
+            return self.history
+        self.library_model = result.library_model
+        self.cells = training_cells_table(self.module, self.data.obs, result.values)
+        self.vocab.component_labels = component_labels(self.cells, self.vocab.label_key, self.model_config.n_components)
         return self.history
 
-    def _start_mixture(self, z: np.ndarray, train_rows: np.ndarray, cfg: TrainConfig) -> None:
-        """Basal mixture means, variances and weights from a partition of the start positions."""
-        k = self.model_config.n_components
-        method = cfg.gmm_init
-        if method == "auto":
-            method = "labels" if self.vocab.label_key and len(self.vocab.labels) == k else "kmeans"
-        labels = self.data.label_codes()[train_rows] if self.vocab.label_key else None
-        means, variances, weights = mixture_start(z, k, method, labels, cfg.seed)
-        if self.model_config.sigma0 is None:
-            # the log-precision prior at the data's within-cluster scale, not at 0.2 R / K: with 15
-            # components (SNARE-seq) 0.2 R / K is 7x tighter than the clusters and one component
-            # swallows the others within five epochs
-            sigma0 = float(np.sqrt((weights[:, None] * variances).sum(0).mean()))
-            self.model_config.sigma0 = sigma0
-            self.module.basal.set_sigma0(sigma0)
-        with torch.no_grad():
-            self.module.basal.means.copy_(torch.from_numpy(means))
-            self.module.basal.log_precision.copy_(-torch.log(torch.from_numpy(variances)))
-            self.module.basal.logits.copy_(torch.log(torch.from_numpy(weights).clamp_min(1e-3)))
-
-    def _initial_representations(self, cfg: TrainConfig) -> np.ndarray:
-        """Basal part from PCA (or zeros); covariate parts at their class means."""
-        data, mc = self.data, self.model_config
-        values = np.zeros((data.n_cells, mc.representation_dim), dtype=np.float32)
-        codes = data.covariate_codes()
-        if cfg.init == "pca":
-            groups = np.zeros(data.n_cells, dtype=np.int64)
-            for q in range(codes.shape[1]):
-                groups = groups * (codes[:, q].max() + 1) + codes[:, q]
-            train_mask = (data.obs[SPLIT_KEY] == "train").to_numpy()
-            if _is_store(data):  # fitted on a sample, every cell projected block by block
-                values[:, : mc.latent_dim] = data.pca_start(groups, mc.latent_dim, mc.radius, cfg.seed, train_mask)
-            else:
-                values[:, : mc.latent_dim] = pca_representations(
-                    data.counts, groups, mc.latent_dim, mc.radius, seed=cfg.seed, fit_mask=train_mask
-                )
-        with torch.no_grad():
-            for q, name in enumerate(mc.covariates):
-                block = slice(mc.latent_dim + q * mc.covariate_dim, mc.latent_dim + (q + 1) * mc.covariate_dim)
-                values[:, block] = self.module.covariate_gmms[name].means.detach().numpy()[codes[:, q]]
-        return values
-
-    def _cells_table(self, values: np.ndarray) -> ad.AnnData:
-        data, mc = self.data, self.model_config
-        obs = data.obs.copy()
-        z = torch.from_numpy(values)
-        with torch.no_grad():
-            obs[CLUSTER_KEY] = pd.Categorical(self.module.cluster(z).numpy(), categories=range(mc.n_components))
-        basal, covs = self.module.split_representation(z)
-        obsm = {EMBEDDING_KEY: basal.numpy().copy()}
-        obsm.update({f"{EMBEDDING_KEY}_{k}": v.numpy().copy() for k, v in covs.items()})
-        return ad.AnnData(obs=obs, obsm=obsm)
-
-    def _component_labels(self) -> list[str | None]:
-        """Majority training-cell label of each mixture component (None where it has no labelled cell)."""
-        if not self.vocab.label_key:
-            return []
-        obs = self.cells.obs
-        train = obs[(obs[SPLIT_KEY] == "train") & obs[self.vocab.label_key].notna()]
-        out: list[str | None] = []
-        for k in range(self.model_config.n_components):
-            labels = train.loc[train[CLUSTER_KEY] == k, self.vocab.label_key]
-            out.append(str(labels.value_counts().idxmax()) if len(labels) else None)
-        return out
+    def to(self, device: str | torch.device) -> "DGD":
+        """Move the model to ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``); returns self."""
+        self.device = resolve_device(device)
+        self.module.to(self.device)
+        return self
 
     # -- results -------------------------------------------------------------------------
     def _require_trained(self) -> ad.AnnData:
@@ -283,13 +157,13 @@ class DGD:
     def cluster(self, basal: np.ndarray) -> np.ndarray:
         """Mixture component of each row of a basal representation."""
         with torch.no_grad():
-            return self.module.basal.cluster(torch.as_tensor(basal, dtype=torch.float32)).numpy()
+            return to_numpy(self.module.basal.cluster(on_device_of(self.module, basal)))
 
     def log_fractions(self, representation: np.ndarray) -> dict[str, np.ndarray]:
         """Decoded log expression fractions per modality for full representations."""
         with torch.no_grad():
-            out = self.module.log_fractions(torch.as_tensor(representation, dtype=torch.float32))
-        return {m: v.numpy() for m, v in out.items()}
+            out = self.module.log_fractions(on_device_of(self.module, representation))
+        return {m: to_numpy(v) for m, v in out.items()}
 
     # -- new cells -------------------------------------------------------------------------
     def mapping_options(self, **overrides) -> MappingOptions:
@@ -348,7 +222,7 @@ class DGD:
                   for k in aligned.unseen_classes}
         weight = 1.0 if self.train_config.hyperprior == "cell" else 1.0 / max(1, self.cells.n_obs)
         self.module, _ = learn_new_classes(self.module, aligned, aligned.unseen_classes, values, options,
-                                           hyperprior_weight=weight, progress=progress)
+                                           hyperprior_weight=weight, progress=progress)  # stays on the device
         self.model_config = self.module.config
         for key, names in aligned.unseen_classes.items():
             self.vocab.covariates[key] = list(self.vocab.covariates[key]) + list(names)
@@ -424,12 +298,19 @@ class DGD:
         return write_model(path, files, overwrite=overwrite, storage_options=storage_options)
 
     @classmethod
-    def load(cls, path: str | Path, storage_options: dict | None = None) -> "DGD":
-        """Load a saved model (local path or remote URI); the training data are not needed."""
-        files = read_model(path, storage_options)
-        model = cls()
+    def load(cls, path: str | Path, storage_options: dict | None = None, device: str | torch.device = "auto") -> "DGD":
+        """Load a saved model (local path or remote URI) onto ``device``; the training data are not needed."""
+        device = resolve_device(device)
+        return cls._from_files(read_model(path, storage_options), device)
+
+    @classmethod
+    def _from_files(cls, files: ModelFiles, device: torch.device) -> "DGD":
+        """A complete model object from a model directory's contents (no training data attached)."""
+        model = cls.__new__(cls)
+        model.device = device
         model.data = None
-        model.module, model.model_config, model.train_config = files.module, files.model_config, files.train_config
+        model.module = files.module.to(device)
+        model.model_config, model.train_config = files.model_config, files.train_config
         model.vocab, model.cells, model.history = files.vocab, files.cells, files.history
         model.library_model = files.library_model
         return model
@@ -440,9 +321,3 @@ def _query_vars(query, modality: str) -> dict[str, pd.DataFrame]:
     if hasattr(query, "mod"):
         return {m: a.var for m, a in query.mod.items()}
     return {modality: query.var}
-
-
-def _is_store(data) -> bool:
-    from atlasdgd.store.cells import StoreCells
-
-    return isinstance(data, StoreCells)

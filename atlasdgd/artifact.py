@@ -97,7 +97,7 @@ def _write_local(path: str | Path, files: ModelFiles, overwrite: bool, plot: boo
     from atlasdgd import __version__
 
     with atomic_directory(path, overwrite) as tmp:
-        state = {k: v.detach().contiguous() for k, v in files.module.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in files.module.state_dict().items()}  # loads on any device
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         with ad.settings.override(zarr_write_format=3), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)

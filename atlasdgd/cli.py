@@ -38,6 +38,15 @@ def _add_simulate(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_device(p, precision: bool = False) -> None:
+    from atlasdgd.runtime.device import DEVICE_HELP, PRECISIONS
+
+    p.add_argument("--device", default="auto", help=f"where to compute: {DEVICE_HELP}; default auto")
+    if precision:
+        p.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="32 (default) or bf16-mixed: decoder matrix products in bf16, likelihood in fp32")
+
+
 def _add_storage_option(p) -> None:
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec option for the store URI, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)")
@@ -63,6 +72,7 @@ def _add_ingest(sub) -> None:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a DGD model on an .h5ad/.h5mu file or an atlas store (--workers N: on Ray)")
+    _add_device(p, precision=True)
     p.add_argument("data", help="input .h5ad, .h5mu or AnnData .zarr with raw counts, or an atlas store URI")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--label-key", help="obs column with cell-type labels (sets the number of mixture components)")
@@ -97,6 +107,7 @@ def _add_train(sub) -> None:
 
 def _add_embed(sub) -> None:
     p = sub.add_parser("embed", help="write the trained cells' representations and clusters to .h5ad")
+    _add_device(p)
     p.add_argument("model", help="model directory")
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--overwrite", action="store_true")
@@ -120,6 +131,7 @@ def _add_query_options(p, epochs_help: str = "refinement epochs after the candid
 
 def _add_map(sub) -> None:
     p = sub.add_parser("map", help="map new cells into a trained model: representations, clusters, labels")
+    _add_device(p)
     _add_query_options(p)
     p.add_argument("--out", required=True, help="output .h5ad (obsm X_dgd; obs dgd_cluster, dgd_label, ...)")
     p.add_argument("--new-covariate-classes", action="store_true",
@@ -130,12 +142,14 @@ def _add_map(sub) -> None:
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="map cells from the modalities they have and predict all modalities")
+    _add_device(p)
     _add_query_options(p)
     p.add_argument("--out", required=True, help="output .h5mu (one modality each) or .h5ad (features concatenated)")
 
 
 def _add_perturb(sub) -> None:
     p = sub.add_parser("perturb", help="in-silico knock-down of genes: per-feature mean change per group")
+    _add_device(p)
     _add_query_options(p)
     p.add_argument("--gene", action="append", required=True, help="gene to perturb (repeatable, or comma-separated)")
     p.add_argument("--group-by", help="obs column to aggregate by (default: all cells together)")
@@ -146,6 +160,7 @@ def _add_perturb(sub) -> None:
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate synthetic cells from the model's mixture")
+    _add_device(p)
     p.add_argument("model", help="model directory")
     p.add_argument("--cells", type=int, default=100)
     p.add_argument("--component", help="component index or label (default: the whole mixture)")
@@ -160,6 +175,7 @@ def _add_sample(sub) -> None:
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="clustering, batch mixing and held-out reconstruction metrics as JSON")
+    _add_device(p)
     _add_query_options(p, epochs_help="refinement epochs for cells the model has not seen (default 20)")
     p.add_argument("--label-key", help="obs column of cell-type labels (ARI, NMI, label silhouette)")
     p.add_argument("--batch-key", help="obs column of batches (batch mixing)")
@@ -173,6 +189,7 @@ def _add_evaluate(sub) -> None:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="simulate an RNA+ATAC atlas into a store, train on Ray workers, map a new batch, plot")
+    _add_device(p)
     p.add_argument("--out", default="atlasdgd-demo", help="output folder (default ./atlasdgd-demo)")
     p.add_argument("--cells", type=int, default=4000)
     p.add_argument("--epochs", type=int, default=200, help="maximum epochs")
@@ -192,18 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_demo):
         add(sub)
     return parser
-
-
-def _is_store_uri(target: str) -> bool:
-    """A store rather than a file: a URI with a scheme, a .zarr directory holding a store manifest,
-    or a TileDB-SOMA experiment."""
-    from atlasdgd.store.format import MANIFEST
-    from atlasdgd.store.soma import is_soma
-
-    if "://" in target:
-        return True
-    p = Path(target)
-    return (p / MANIFEST).exists() or is_soma(target)
 
 
 def cmd_simulate(args) -> None:
@@ -249,7 +254,7 @@ def _check_train_target(args) -> None:
     """--out must be new, or hold checkpoints to --resume from, or be replaced with --overwrite."""
     from atlasdgd.atomic import check_writable_target
 
-    if "://" in args.out:  # remote model URI: checkpoints there decide, see atlasdgd.distributed.checkpoint
+    if "://" in args.out:  # remote model URI: checkpoints there decide, see atlasdgd.train.checkpoint
         return
     out = Path(args.out)
     if args.resume:
@@ -263,23 +268,21 @@ def _check_train_target(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from atlasdgd.data.adapters import read_input
+    from atlasdgd.store.sources import is_store_uri
 
     for name in ("workers", "checkpoint_every"):
         if getattr(args, name) < (1 if name == "workers" else 0):
             raise AtlasDGDError(f"--{name.replace('_', '-')} must be >= {1 if name == 'workers' else 0}")
     _check_train_target(args)
-    is_store = _is_store_uri(args.data)
-    if not is_store and not Path(args.data).exists():
-        raise AtlasDGDError(f"input {args.data!r} does not exist")
     model_options = {"label_key": args.label_key, "covariate_keys": args.covariate_key, "modalities": args.modality,
-                     "latent_dim": args.latent_dim, "n_components": args.components, "seed": args.seed}
+                     "latent_dim": args.latent_dim, "n_components": args.components, "seed": args.seed,
+                     "layer": args.layer}
     options = {"max_epochs": args.epochs, "min_epochs": args.min_epochs, "patience": args.patience,
                "batch_size": args.batch_size, "hyperprior": args.hyperprior, "init": args.init,
-               "gmm_init": args.gmm_init}
+               "gmm_init": args.gmm_init, "precision": args.precision}
     options = {k: v for k, v in options.items() if v is not None}
     if args.workers > 1:
-        if not is_store:
+        if not is_store_uri(args.data):
             raise AtlasDGDError("--workers > 1 trains from an atlas store: run 'atlasdgd ingest' first")
         from atlasdgd.distributed.ray_train import train_on_ray
 
@@ -295,14 +298,8 @@ def cmd_train(args) -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        if is_store:
-            from atlasdgd.store.cells import open_store
-
-            data = open_store(args.data, _storage_options(args), label_key=args.label_key,
-                              covariate_keys=args.covariate_key or None, modalities=args.modality)
-        else:
-            data = read_input(args.data)
-        model = DGD(data, layer=args.layer, modality_key=args.modality_key, split_key=args.split_key, **model_options)
+        model = DGD(args.data, modality_key=args.modality_key, split_key=args.split_key, device=args.device,
+                    storage_options=_storage_options(args), **model_options)
         checkpoint_uri = args.out if args.checkpoint_every > 0 else None
         history = model.train(progress=not args.quiet, checkpoint_uri=checkpoint_uri, resume=args.resume,
                               checkpoint_every=max(1, args.checkpoint_every), **options)
@@ -318,7 +315,7 @@ def cmd_embed(args) -> None:
     from atlasdgd.atomic import atomic_file, check_writable_target
 
     check_writable_target(args.out, args.overwrite)
-    cells = DGD.load(args.model).embed()
+    cells = DGD.load(args.model, device=args.device).embed()
     with atomic_file(args.out, args.overwrite) as tmp:
         ad.AnnData.write_h5ad(cells, tmp)
     print(f"wrote {cells.n_obs} cells to {args.out} (obsm: {', '.join(cells.obsm)}; obs: dgd_cluster, dgd_split)")
@@ -342,7 +339,7 @@ def _load_for_query(args):
 
     if getattr(args, "epochs", 1) is not None and args.epochs < 0:
         raise AtlasDGDError(f"--epochs must be >= 0, got {args.epochs}")
-    model = DGD.load(args.model)
+    model = DGD.load(args.model, device=args.device)
     if not Path(args.query).exists():
         raise AtlasDGDError(f"query {args.query!r} does not exist")
     query = read_input(args.query)
@@ -459,7 +456,7 @@ def cmd_sample(args) -> None:
         library = {k: float(v) for k, v in _pairs(args.library, "--library").items()}
     except ValueError as e:
         raise AtlasDGDError(f"--library sizes must be numbers ({e})") from e
-    model = DGD.load(args.model)
+    model = DGD.load(args.model, device=args.device)
     component = args.component
     if component is not None and component.lstrip("-").isdigit():
         component = int(component)
@@ -489,7 +486,7 @@ def cmd_demo(args) -> None:
     from atlasdgd.demo import run_demo
 
     run_demo(args.out, n_cells=args.cells, max_epochs=args.epochs, seed=args.seed, overwrite=args.overwrite,
-             progress=not args.quiet, workers=args.workers)
+             progress=not args.quiet, workers=args.workers, device=args.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
                "predict": cmd_predict, "perturb": cmd_perturb, "sample": cmd_sample, "evaluate": cmd_evaluate,
                "demo": cmd_demo}[args.command]
     try:
+        if getattr(args, "device", None) is not None:
+            from atlasdgd.runtime.device import resolve_device
+
+            resolve_device(args.device)  # a missing GPU fails before any work or output
         handler(args)
     except (AtlasDGDError, ValueError) as e:
         print(f"atlasdgd {args.command}: error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ def _umap(z: np.ndarray, seed: int) -> np.ndarray:
 
 
 def run_demo(out: str | Path, n_cells: int = 4000, max_epochs: int = 200, seed: int = 0, overwrite: bool = False,
-             progress: bool = True, workers: int = 2) -> dict:
+             progress: bool = True, workers: int = 2, device: str = "auto") -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     from atlasdgd import DGD
@@ -60,10 +60,10 @@ def run_demo(out: str | Path, n_cells: int = 4000, max_epochs: int = 200, seed: 
             history = train_on_ray(str(tmp / "atlas.zarr"), str(tmp / "model"), workers=workers,
                                    model_options={"seed": seed}, train_options={"max_epochs": max_epochs},
                                    progress=progress)
-            model = DGD.load(tmp / "model")
+            model = DGD.load(tmp / "model", device=device)
         else:
             print("2/5 training from the store (label cell_type, covariate batch)")
-            model = DGD(str(tmp / "atlas.zarr"), seed=seed)
+            model = DGD(str(tmp / "atlas.zarr"), seed=seed, device=device)
             history = model.train(max_epochs=max_epochs, progress=progress)
 
         print("3/5 mapping the held-back batch_3 as a new batch (model frozen; labels transferred)")

@@ -20,7 +20,6 @@ import numpy as np
 
 import atlasdgd
 from atlasdgd.data.adapters import read_input
-from atlasdgd.data.loader import InMemoryLoader
 from _encoder import encode, train_encoder
 from atlasdgd.infer.mapping import map_cells
 
@@ -54,7 +53,7 @@ def main() -> None:
 
     rep = torch.from_numpy(model.representation[train_rows])
     t0 = time.perf_counter()
-    enc, curve = train_encoder(model.model_config.modalities, InMemoryLoader(cells, train_rows, 256, seed=0), rep,
+    enc, curve = train_encoder(model.model_config.modalities, cells.loader(train_rows, 256, seed=0), rep,
                                epochs=args.encoder_epochs)
     enc_train_s = time.perf_counter() - t0
     truth = cells.obs[label].astype(str).to_numpy()[test_rows]
@@ -77,7 +76,7 @@ def main() -> None:
     score("candidate_search_20", map_cells(model.module, cells, options, rows=test_rows), time.perf_counter() - t0)
     for epochs in (20, 5):
         t0 = time.perf_counter()
-        start = encode(enc, InMemoryLoader(cells, test_rows, 256, shuffle=False), len(test_rows))
+        start = encode(enc, cells.loader(test_rows, 256, shuffle=False), len(test_rows))
         opts = model.mapping_options(epochs=epochs)
         score(f"encoder_{epochs}", map_cells(model.module, cells, opts, rows=test_rows, start=start.numpy()),
               time.perf_counter() - t0)

@@ -18,7 +18,6 @@ import warnings
 import torch
 
 import atlasdgd
-from atlasdgd.data.loader import InMemoryLoader
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.trainer import Trainer
@@ -66,7 +65,7 @@ def main() -> None:
     cfg = TrainConfig(batch_size=args.batch_size)
     table = RepresentationTable(torch.zeros(len(rows), model.model_config.representation_dim))
     trainer = Trainer(model.module, cfg, table)
-    loader = InMemoryLoader(model.data, rows, args.batch_size, seed=0)
+    loader = model.data.loader(rows, args.batch_size, seed=0)
     it = iter(loader)
     batches = [next(it) for _ in range(args.steps)]
 

@@ -10,7 +10,7 @@ import torch
 
 import atlasdgd
 from atlasdgd.cli import main
-from atlasdgd.distributed.checkpoint import MANIFEST, Checkpoints
+from atlasdgd.train.checkpoint import MANIFEST, Checkpoints
 from atlasdgd.simulate import SimulationConfig, simulate, write_simulation_store
 
 OPTIONS = dict(max_epochs=6, min_epochs=6, heldout_epochs=2, progress=False)

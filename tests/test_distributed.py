@@ -17,12 +17,12 @@ rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), s
 if world > 1:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 from atlasdgd.data.adapters import prepare
-from atlasdgd.data.loader import InMemoryLoader
+from atlasdgd.data.loader import CellLoader
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import DGDModule
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.simulate import SimulationConfig, simulate
-from atlasdgd.store.loader import BlockShufflePlan, shard_rows
+from atlasdgd.data.plan import BlockShufflePlan, shard_rows
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.trainer import Trainer
 
@@ -41,10 +41,10 @@ plans = [BlockShufflePlan(len(s), B, CHUNK, BUFFER, seed=5, rank=r, n_steps=n_st
 tc = TrainConfig(hyperprior="dataset", l1=0.01)
 if world > 1:   # this worker: its shard, its plan
     table = RepresentationTable(init[offsets[rank]:offsets[rank + 1]])
-    loader = InMemoryLoader(data, shards[rank], B, plan=plans[rank])
+    loader = CellLoader(data, rows, B, seed=5, rank=rank, world_size=WORKERS, chunk_cells=CHUNK, buffer_chunks=BUFFER)
 else:           # one process, each step the union of the workers' batches
     table = RepresentationTable(init)
-    whole = InMemoryLoader(data, rows, B)
+    whole = CellLoader(data, rows, B)
     loader = [whole.batch(np.concatenate([offsets[r] + plans[r].batches(0)[k] for r in range(WORKERS)]))
               for k in range(n_steps)]
 trainer = Trainer(module, tc, table, n_train_total=len(rows))

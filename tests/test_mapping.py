@@ -11,7 +11,6 @@ import torch
 from scipy import sparse, stats
 
 from atlasdgd import DGD
-from atlasdgd.data.loader import InMemoryLoader
 from atlasdgd.errors import InputError
 from atlasdgd.infer.candidates import candidate_search, chunk_cells
 from atlasdgd.infer.labels import transfer_labels
@@ -38,7 +37,7 @@ def test_unmeasured_features_are_left_out_of_the_likelihood_not_read_as_zeros():
     query = ad.AnnData(X=sparse.csr_matrix(x), var=pd.DataFrame(index=[names[i] for i in keep] + [f"new{i}" for i in range(5)]))
     query.obs_names = [f"c{i}" for i in range(6)]
     aligned = align_query(query, {"rna": names}, {})
-    batch = next(iter(InMemoryLoader(aligned, np.arange(6), 6, shuffle=False)))
+    batch = next(iter(aligned.loader(np.arange(6), 6, shuffle=False)))
     z = torch.randn(6, cfg.representation_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = module.losses(batch, z).reconstruction["rna"].numpy()
@@ -167,11 +166,11 @@ def test_candidate_search_memory_stays_under_budget_when_the_query_grows_10x():
         return align_query(a, {"rna": a.var_names.tolist()}, {"batch": ["0", "1", "2", "3"]})
 
     warm = query(5)  # one-time torch/OpenMP initialisation is not the search's memory
-    candidate_search(module, InMemoryLoader(warm, np.arange(5), chunk, shuffle=False), 5)
+    candidate_search(module, warm.loader(np.arange(5), chunk, shuffle=False), 5)
     peaks = {}
     for n in (300, 3000):
         q = query(n)
-        loader = InMemoryLoader(q, np.arange(n), chunk, shuffle=False)
+        loader = q.loader(np.arange(n), chunk, shuffle=False)
         peaks[n] = _peak_rss_during(lambda: candidate_search(module, loader, n))
     # the reference's cells x candidates x features tensor for the small query alone would be
     # 300 x 16 x 2000 x 4 bytes = 37 MiB

@@ -15,7 +15,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 import atlasdgd
-from atlasdgd.distributed.checkpoint import MANIFEST
+from atlasdgd.train.checkpoint import MANIFEST
 from atlasdgd.simulate import SimulationConfig, write_simulation_store
 from conftest import free_port
 
@@ -127,7 +127,9 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(ray_session, store, s
     assert list(model.history["epoch"]) == list(range(12))
     # every row was trained: none is still at its start position
     start = atlasdgd.DGD(str(store), seed=0)
-    init = start._initial_representations(start.train_config)
+    from atlasdgd.train.run import initial_representations
+
+    init = initial_representations(start.module, start.data, start.train_config, start.data.split_rows("train"))
     moved = np.abs(model.representation - init).max(axis=1)
     assert (moved > 0).all()
     ari_ray, val_ray = _quality(model)

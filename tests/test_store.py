@@ -18,7 +18,6 @@ from scipy import sparse
 
 from atlasdgd.cli import main
 from atlasdgd.data.adapters import prepare, read_input
-from atlasdgd.data.loader import InMemoryLoader
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import DGDModule
 from atlasdgd.optim.row_adam import RepresentationTable
@@ -26,7 +25,6 @@ from atlasdgd.simulate import SimulationConfig, simulate, write_simulation, writ
 from atlasdgd.store.cells import open_store
 from atlasdgd.store.format import MANIFEST, StoreError
 from atlasdgd.store.ingest import ingest
-from atlasdgd.store.loader import BlockShufflePlan
 from atlasdgd.store.zarr_store import StoreWriter
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.trainer import Trainer
@@ -235,8 +233,7 @@ def test_training_from_a_store_equals_training_in_memory_for_the_same_order(stor
         return module.state_dict(), table.values
 
     streaming = cells.loader(rows, 64, seed=4, chunk_cells=200, buffer_chunks=2)
-    plan = BlockShufflePlan(len(rows), 64, 200, 2, seed=4)
-    in_memory = InMemoryLoader(memory, rows, 64, plan=plan)
+    in_memory = memory.loader(rows, 64, seed=4, chunk_cells=200, buffer_chunks=2)
     (sa, ta), (sb, tb) = run(streaming), run(in_memory)
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
@@ -322,3 +319,31 @@ def test_s3_round_trip_ingest_and_train(h5mu, s3, tmp_path):
     np.testing.assert_array_equal(again.representation, model.representation)
     with pytest.raises(Exception, match="already holds a model"):
         model.save("s3://atlas-bucket/models/m", storage_options=s3)
+
+
+def test_in_memory_and_store_training_of_the_same_cells_give_the_same_start_and_model(store):
+    from atlasdgd.train.run import initial_representations, run_training
+
+    cells = open_store(str(store))
+    sim = simulate(SimulationConfig(n_cells=2500, n_types=4, n_batches=2, n_genes=100, n_peaks=150, seed=2))
+    sim.obs["dgd_split"] = cells.obs["dgd_split"].to_numpy()
+    memory = prepare(sim, label_key="cell_type", covariate_keys=["batch"], split_key="dgd_split")
+    memory.chunk_cells = cells.chunk_cells  # the same blocks, so the same minibatch order
+    cfg = ModelConfig(modalities={m: cells.n_features(m) for m in cells.modalities}, latent_dim=4, n_components=4,
+                      covariates={"batch": 2})
+    tc = TrainConfig(max_epochs=2, min_epochs=2, heldout_epochs=1, seed=1)
+
+    def fresh():
+        torch.manual_seed(0)
+        return DGDModule(ModelConfig.from_dict(cfg.to_dict()), generator=torch.Generator().manual_seed(0))
+
+    starts = [initial_representations(fresh(), src, tc, src.split_rows("train")) for src in (memory, cells)]
+    np.testing.assert_allclose(starts[0], starts[1], rtol=0, atol=1e-6)
+    results = []
+    for src in (memory, cells):
+        module = fresh()
+        run = run_training(module, src, tc, label_codes=src.label_codes(), n_labels=4, progress=False)
+        results.append((module.state_dict(), run.values))
+    for k, v in results[0][0].items():
+        torch.testing.assert_close(v, results[1][0][k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from atlasdgd.data.source import LoadsBatches
+
 SPLIT_KEY = "dgd_split"
 SPLITS = ("train", "validation", "test")
 
@@ -51,7 +53,7 @@ class CellTable:
 
 
 @dataclass
-class CellData(CellTable):
+class CellData(CellTable, LoadsBatches):
     """Counts per modality (CSR, cells in the same order) and one obs table.
 
     ``obs`` carries the label column (optional), one categorical column per covariate and the
@@ -72,18 +74,8 @@ class CellData(CellTable):
     def library(self, modality: str) -> np.ndarray:
         return np.asarray(self.counts[modality].sum(axis=1)).ravel().astype(np.float32)
 
-    def loader(self, rows: np.ndarray, batch_size: int = 128, shuffle: bool = True, seed: int = 0,
-               rank: int = 0, world_size: int = 1):
-        """Minibatches of ``rows`` (every data source has this: in memory, zarr store, SOMA); with
-        several workers, this worker's shard in the streaming loader's order."""
-        import math
+    def n_features(self, modality: str) -> int:
+        return self.counts[modality].shape[1]
 
-        from atlasdgd.data.loader import InMemoryLoader
-        from atlasdgd.store.loader import BlockShufflePlan, shard_rows
-
-        if world_size == 1:
-            return InMemoryLoader(self, rows, batch_size, shuffle=shuffle, seed=seed)
-        shard = shard_rows(rows, rank, world_size)
-        steps = max(1, math.ceil(math.ceil(len(rows) / world_size) / batch_size))
-        plan = BlockShufflePlan(len(shard), batch_size, seed=seed, rank=rank, n_steps=steps, shuffle=shuffle)
-        return InMemoryLoader(self, shard, batch_size, plan=plan)
+    def read_rows(self, modality: str, rows: np.ndarray) -> sparse.csr_matrix:
+        return self.counts[modality][rows]

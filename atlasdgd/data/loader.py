@@ -1,83 +1,192 @@
-"""In-memory minibatch loader over CellData rows.
+"""The one minibatch loader, for every cell source (in memory, zarr store, TileDB-SOMA, query data).
 
-Yields :class:`~atlasdgd.model.module.Batch` objects whose ``index`` is the position of each cell
-within ``rows``, i.e. its row in the representation table of that split. The order is a pure
-function of (seed, epoch), so runs are reproducible; with a ``plan``
-(:class:`~atlasdgd.store.loader.BlockShufflePlan`) it is exactly the streaming loader's order.
+Batches follow a :class:`~atlasdgd.data.plan.BlockShufflePlan` over this worker's shard: windows of
+consecutive cells are read with one request each (a store decodes whole chunks; an in-memory source
+slices its CSR), and each batch is scattered from the windows' CSR arrays into one dense block.
+A background thread reads the next windows while the trainer works (zarr and TileDB release the
+GIL there). ``Batch.index`` is the position in the shard (the row of this worker's representation
+table), ``Batch.cells`` the global cell row in the source. With a CUDA ``device`` the dense counts
+are assembled in pinned memory and every batch is moved with one non-blocking copy.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from atlasdgd.data.cells import CellData
+from atlasdgd.data.plan import BlockShufflePlan, shard_rows, steps_per_epoch
 from atlasdgd.model.module import Batch
 
+DEFAULT_BLOCK_CELLS = 1024  # cells per contiguous read of a source that does not set its own
 
-class InMemoryLoader:
-    def __init__(
-        self,
-        data: CellData,
-        rows: np.ndarray,
-        batch_size: int = 128,
-        shuffle: bool = True,
-        seed: int = 0,
-        plan=None,
-    ):
+
+class CellLoader:
+    """Minibatches of ``rows`` of ``source`` (a :class:`~atlasdgd.data.source.CellSource`).
+
+    With ``world_size > 1`` the loader keeps worker ``rank``'s shard of ``rows`` and takes as many
+    steps as the largest shard needs (every worker the same, as DDP requires).
+    """
+
+    def __init__(self, source, rows: np.ndarray, batch_size: int = 128, *, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, chunk_cells: int | None = None, buffer_chunks: int = 4,
+                 prefetch: int = 2, device: torch.device | str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.data, self.rows = data, np.asarray(rows, dtype=np.int64)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.epoch = 0
-        self.plan = plan  # optional: batches from a BlockShufflePlan (the streaming loader's order)
-        self._library = {m: data.library(m) for m in data.modalities}
-        self._covariates = data.covariate_codes()
-        self._observed = {m: data.observed[m] for m in data.modalities}
+        self.source = source
+        rows = np.asarray(rows, dtype=np.int64)
+        self.rows = shard_rows(rows, rank, world_size)
+        chunk = chunk_cells or getattr(source, "chunk_cells", None) or DEFAULT_BLOCK_CELLS
+        self.plan = BlockShufflePlan(len(self.rows), batch_size, chunk, buffer_chunks, seed, rank,
+                                     steps_per_epoch(len(rows), batch_size, world_size), shuffle)
+        self.batch_size, self.prefetch, self.epoch = batch_size, prefetch, 0
+        self.shuffle, self.seed = shuffle, seed
+        self.device = None if device is None else torch.device(device)
+        self._pin = self.device is not None and self.device.type == "cuda"
+        self.modalities = list(source.modalities)
+        self._n_features = {m: _n_features(source, m) for m in self.modalities}
+        self._library = {m: np.asarray(source.library(m), dtype=np.float32) for m in self.modalities}
+        self._covariates = source.covariate_codes()
+        self._observed = {m: np.asarray(source.observed[m], dtype=bool) for m in self.modalities}
         self._all_observed = all(o[self.rows].all() for o in self._observed.values())
         # query data measuring only some of the model's features (see atlasdgd.infer.query)
-        features = getattr(data, "features", None) or {}
-        self._features = {
-            m: torch.from_numpy(np.asarray(idx, dtype=np.int64))
-            for m, idx in features.items()
-            if not data.complete_features(m)
-        } or None
+        subsets = source.feature_subsets() if hasattr(source, "feature_subsets") else None
+        self._features = None if not subsets else {m: torch.as_tensor(np.asarray(i, dtype=np.int64))
+                                                   for m, i in subsets.items()}
+        if self._features is not None and self.device is not None:
+            self._features = {m: i.to(self.device) for m, i in self._features.items()}
 
     def __len__(self) -> int:
-        return self.plan.n_steps if self.plan is not None else -(-len(self.rows) // self.batch_size)
+        return self.plan.n_steps
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def order(self) -> np.ndarray:
-        """Table positions in this epoch's order."""
-        pos = np.arange(len(self.rows))
-        if self.shuffle:
-            pos = np.random.default_rng([self.seed, self.epoch]).permutation(pos)
-        return pos
+    # -- reading -----------------------------------------------------------------------------
+    def _read(self, positions: np.ndarray) -> dict[int, tuple[dict, np.ndarray]]:
+        """Counts of shard ``positions`` by chunk: chunk -> (modality -> CSR, sorted positions), one
+        request per chunk and modality. Blocks stay apart (no concatenation, so no scipy needed)."""
+        positions = np.sort(positions)
+        rows = self.rows[positions]
+        chunk_of = positions // self.plan.chunk_cells
+        out = {}
+        for c in np.unique(chunk_of):
+            sel = chunk_of == c
+            out[int(c)] = ({m: self.source.read_rows(m, rows[sel]) for m in self.modalities}, positions[sel])
+        return out
 
+    # -- one batch ---------------------------------------------------------------------------
     def batch(self, positions: np.ndarray) -> Batch:
-        positions = np.sort(positions)  # sorted rows read CSR memory in order
+        """The batch of shard ``positions`` read directly (tests and one-off evaluations)."""
+        positions = np.sort(np.asarray(positions, dtype=np.int64))
+        block = self._read(positions)
+        return self._assemble(positions, np.zeros(self.plan.n or 1, dtype=np.int64), {0: block})
+
+    def _assemble(self, positions: np.ndarray, window_of: np.ndarray, loaded) -> Batch:
+        """The Batch of sorted shard ``positions``: dense counts scattered from the loaded windows'
+        CSR arrays, the cells' libraries, covariates and observed masks, moved to the device."""
+        windows = window_of[positions]
         cells = self.rows[positions]
-        counts = {m: torch.from_numpy(x[cells].toarray()) for m, x in self.data.counts.items()}
-        library = {m: torch.from_numpy(lib[cells]) for m, lib in self._library.items()}
-        observed = None if self._all_observed else {m: torch.from_numpy(o[cells]) for m, o in self._observed.items()}
-        return Batch(
+        counts = {}
+        for m in self.modalities:
+            out = torch.zeros((len(positions), self._n_features[m]), dtype=torch.float32, pin_memory=self._pin)
+            dense = out.numpy()
+            for w in np.unique(windows):
+                in_window = positions[windows == w]
+                chunks = in_window // self.plan.chunk_cells
+                for c in np.unique(chunks):
+                    block, pos = loaded[int(w)][int(c)]
+                    want = in_window[chunks == c]
+                    _scatter_rows(block[m], np.searchsorted(pos, want), dense, np.searchsorted(positions, want))
+            counts[m] = out
+        observed = None
+        if not self._all_observed:
+            observed = {m: torch.from_numpy(o[cells]) for m, o in self._observed.items()}
+        batch = Batch(
             index=torch.from_numpy(positions),
             counts=counts,
-            library=library,
+            library={m: torch.from_numpy(lib[cells]) for m, lib in self._library.items()},
             covariates=torch.from_numpy(self._covariates[cells]),
             observed=observed,
             features=self._features,
+            cells=torch.from_numpy(cells),
         )
+        return batch if self.device is None else batch.to(self.device)
+
+    # -- an epoch ----------------------------------------------------------------------------
+    def _batches(self, order: np.ndarray, windows_in) -> Iterator[Batch]:
+        """Assemble the epoch's batches from windows arriving in order from ``windows_in``."""
+        span = self.plan.window_cells
+        window_of = np.empty(len(order), dtype=np.int64)
+        window_of[order] = np.arange(len(order)) // span
+        loaded: dict[int, dict] = {}
+        next_window = 0
+        for positions in self.plan.batches(self.epoch, order):
+            needed = np.unique(window_of[positions])
+            while next_window <= needed.max():
+                loaded[next_window] = next(windows_in)
+                next_window += 1
+            for w in [w for w in loaded if w < needed.min()]:
+                del loaded[w]
+            yield self._assemble(positions, window_of, loaded)
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.plan is not None:
-            for positions in self.plan.batches(self.epoch):
-                yield self.batch(positions)
+        order = self.plan.order(self.epoch)
+        span = self.plan.window_cells
+        windows = [order[i : i + span] for i in range(0, len(order), span)]
+        if self.prefetch <= 0:
+            yield from self._batches(order, (self._read(w) for w in windows))
             return
-        order = self.order()
-        for start in range(0, len(order), self.batch_size):
-            yield self.batch(order[start : start + self.batch_size])
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for w in windows:
+                    if stop.is_set():
+                        return
+                    q.put(self._read(w))
+            except BaseException as e:  # hand errors to the consumer
+                q.put(e)
+
+        def consume():
+            for _ in windows:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        thread = threading.Thread(target=produce, daemon=True, name="atlasdgd-prefetch")
+        thread.start()
+        try:
+            yield from self._batches(order, consume())
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
+
+
+def _n_features(source, modality: str) -> int:
+    if hasattr(source, "n_features"):
+        return int(source.n_features(modality))
+    return len(source.feature_names[modality])
+
+
+def _scatter_rows(x, rows: np.ndarray, out: np.ndarray, out_rows: np.ndarray) -> None:
+    """``out[out_rows[i]] = x[rows[i]]`` (dense) for a CSR ``x`` (anything with indptr, indices and
+    data), without building intermediate sparse matrices."""
+    starts, ends = x.indptr[rows], x.indptr[rows + 1]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return
+    # flat positions of every selected row's non-zeros: its start plus 0..length-1
+    first = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    flat = first + np.arange(total)
+    out[np.repeat(out_rows, lengths), x.indices[flat]] = x.data[flat]

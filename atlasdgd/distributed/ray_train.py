@@ -22,15 +22,18 @@ def _worker(config: dict) -> None:
     import torch
 
     import atlasdgd
-    from atlasdgd.distributed import sync
-    from atlasdgd.store.cells import open_store
+    from atlasdgd.runtime import sync
 
     torch.set_num_threads(config["threads"])
-    cells = open_store(config["store"], config["storage_options"], label_key=config["model"].get("label_key"),
-                       covariate_keys=config["model"].get("covariate_keys") or None,
-                       modalities=config["model"].get("modalities"))
-    model_options = {k: v for k, v in config["model"].items() if k not in ("label_key", "covariate_keys", "modalities")}
-    model = atlasdgd.DGD(cells, **model_options)
+    # each worker opens the store itself (TileDB-SOMA handles cannot cross processes); with GPUs,
+    # Ray Train's device helper gives each worker its own
+    device = "cpu"
+    if config.get("use_gpu"):
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    model = atlasdgd.DGD(config["store"], storage_options=config["storage_options"], device=device, **config["model"])
     # after the first attempt a restarted group always resumes from the model URI's checkpoints;
     # every worker reads the marker before any writes it, so all decide alike
     resume = config["resume"] or _attempt_marker(config, read=True)
@@ -45,7 +48,7 @@ def _worker(config: dict) -> None:
 
 def _attempt_marker(config: dict, read: bool) -> bool:
     """A file in the model URI that says a previous attempt of this run already started."""
-    from atlasdgd.distributed import sync
+    from atlasdgd.runtime import sync
     from atlasdgd.store.format import filesystem
 
     fs, root = filesystem(config["out"], config["storage_options"])
@@ -88,7 +91,7 @@ def train_on_ray(store: str, out: str, *, workers: int, address: str | None = No
     config = {
         "store": absolute(store), "out": absolute(out), "storage_options": storage_options, "model": dict(model_options or {}),
         "train": dict(train_options or {}), "resume": resume, "checkpoint_every": max(1, checkpoint_every),
-        "threads": threads, "progress": progress, "run_id": f"{int(time.time() * 1000)}-{os.getpid()}",
+        "threads": threads, "progress": progress, "use_gpu": use_gpu, "run_id": f"{int(time.time() * 1000)}-{os.getpid()}",
     }
     # Ray's own run storage (not our checkpoints): a local scratch folder
     storage = (Path(out).resolve().parent if "://" not in str(out) else Path.cwd()) / f".{Path(str(out)).name}.ray"

@@ -7,6 +7,8 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_samples
 
+from atlasdgd.train.leiden import leiden_clusters  # noqa: F401  (the mixture start uses it too)
+
 
 def batch_mixing(z: np.ndarray, batch: np.ndarray, labels: np.ndarray | None = None, max_cells: int = 20_000, seed: int = 0) -> float:
     """Batch removal score: mean of 1 - |silhouette of batch labels| (scIB's batch ASW).
@@ -43,26 +45,3 @@ def kmeans_clusters(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
 
 
-def leiden_clusters(x: np.ndarray, k: int, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
-    """Leiden on a symmetrised kNN graph of ``x``, resolution bisected to give ``k`` clusters.
-
-    Built on scikit-learn + igraph + leidenalg directly (the scanpy path breaks on scipy 1.17).
-    """
-    import igraph as ig
-    import leidenalg
-    from sklearn.neighbors import kneighbors_graph
-
-    graph = kneighbors_graph(np.asarray(x, dtype=np.float32), n_neighbors, mode="connectivity", include_self=False)
-    graph = graph.maximum(graph.T).tocoo()
-    keep = graph.row < graph.col
-    g = ig.Graph(n=x.shape[0], edges=list(zip(graph.row[keep].tolist(), graph.col[keep].tolist())))
-    lo, hi, best = 0.001, 5.0, None
-    for _ in range(40):
-        res = (lo + hi) / 2
-        part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition, resolution_parameter=res, seed=seed)
-        best = np.asarray(part.membership)
-        n = best.max() + 1
-        if n == k:
-            break
-        lo, hi = (res, hi) if n < k else (lo, res)
-    return best

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score
 
+from atlasdgd.runtime.device import on_device_of, to_numpy
 from atlasdgd.model.module import DGDModule
 from atlasdgd.model.nb import nb_log_prob
 
@@ -39,7 +40,8 @@ def reconstruction_metrics(
         features: modality -> model feature indices of ``counts``' columns when the cells were measured
             on only some features (the fractions are renormalised over those); default all.
     """
-    z_all = torch.as_tensor(values, dtype=torch.float32)
+    z_all = on_device_of(module, values)
+    device = z_all.device
     n = z_all.shape[0]
     rng = np.random.default_rng(seed)
     out = {}
@@ -47,7 +49,7 @@ def reconstruction_metrics(
         lib = np.asarray(x.sum(axis=1)).ravel() if libraries is None or m not in libraries else libraries[m]
         r = module.dispersion(m)
         if features is not None and m in features:
-            r = r[torch.as_tensor(features[m])]
+            r = r[torch.as_tensor(features[m], device=device)]
         sq, nll = 0.0, 0.0
         f = x.shape[1]
         keep_cells = n if m not in auprc_modalities else min(n, max(1, AUPRC_MAX_ENTRIES // f))
@@ -55,22 +57,22 @@ def reconstruction_metrics(
         scores, truth = [], []
         for start in range(0, n, batch_size):
             rows = np.arange(start, min(n, start + batch_size))
-            xb = torch.from_numpy(x[rows].toarray().astype(np.float32))
+            xb = torch.from_numpy(x[rows].toarray().astype(np.float32)).to(device)
             log_y = module.log_fractions(z_all[rows], [m])[m]
             if features is not None and m in features and len(features[m]) != log_y.shape[1]:
-                log_y = log_y[:, torch.as_tensor(features[m])]
+                log_y = log_y[:, torch.as_tensor(features[m], device=device)]
                 log_y = log_y - torch.logsumexp(log_y, dim=1, keepdim=True)
             y = torch.exp(log_y)
-            mu = y * torch.from_numpy(np.asarray(lib[rows], dtype=np.float32))[:, None]
+            mu = y * torch.from_numpy(np.asarray(lib[rows], dtype=np.float32)).to(device)[:, None]
             sq += float(((xb - mu) ** 2).sum())
             nll -= float(nb_log_prob(xb, mu, r).sum())
             if m in auprc_modalities:
                 sel = rows if auprc_rows is None else np.array([i for i in rows if i in auprc_rows], dtype=int)
                 if len(sel):
-                    local = torch.from_numpy(sel - start)
-                    p_zero = torch.exp(nb_log_prob(torch.zeros(1), mu[local], r))
-                    scores.append((1 - p_zero).numpy().ravel())
-                    truth.append((xb[local] > 0).numpy().ravel())
+                    local = torch.from_numpy(sel - start).to(device)
+                    p_zero = torch.exp(nb_log_prob(torch.zeros(1, device=device), mu[local], r))
+                    scores.append(to_numpy(1 - p_zero).ravel())
+                    truth.append(to_numpy(xb[local] > 0).ravel())
         entries = n * f
         out[m] = {"rmse": float(np.sqrt(sq / entries)), "nb_nll_per_feature": nll / entries, "cells": int(n)}
         if m in auprc_modalities:

@@ -66,9 +66,11 @@ def evaluate(model, data, label_key: str | None = None, batch_key: str | None = 
 
     import torch
 
+    from atlasdgd.runtime.device import on_device_of, to_numpy
+
     basal = values[:, : model.model_config.latent_dim]
     with torch.no_grad():
-        clusters = model.module.basal.cluster(torch.from_numpy(basal)).numpy()
+        clusters = to_numpy(model.module.basal.cluster(on_device_of(model.module, basal)))
     out: dict = {"cells": int(n), "cells_mapped": int(len(to_map)), "cells_heldout": int(len(heldout)),
                  "components_used": int(len(np.unique(clusters)))}
     if label_key is not None:

@@ -88,9 +88,9 @@ def candidate_search(
     starts = torch.zeros(n_cells, keep, dim)
     losses = torch.full((n_cells, keep), float("inf"))
     for batch in tqdm(batches, desc="candidate search", unit="chunk", disable=not progress, dynamic_ncols=True):
-        b = len(batch)
-        best_z = torch.zeros(b, keep, dim)
-        best_loss = torch.full((b, keep), float("inf"))
+        b, device = len(batch), batch.index.device
+        best_z = torch.zeros(b, keep, dim, device=device)
+        best_loss = torch.full((b, keep), float("inf"), device=device)
         for k, combo in _candidate_codes(module, batch.covariates):
             z = _candidate(module, batch, k, combo)
             loss = module.losses(batch, z).per_cell()
@@ -100,7 +100,8 @@ def candidate_search(
             order = all_loss.argsort(dim=1)[:, :keep]
             best_loss = all_loss.gather(1, order)
             best_z = all_z.gather(1, order[:, :, None].expand(-1, -1, dim))
-        starts[batch.index] = best_z
-        losses[batch.index] = best_loss
+        index = batch.index.cpu()  # the shortlists of every cell stay on the host
+        starts[index] = best_z.cpu()
+        losses[index] = best_loss.cpu()
     module.train(was_training)
     return starts, losses

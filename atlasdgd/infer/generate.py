@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -28,7 +30,8 @@ def _component_index(model, component) -> int | None:
 def sample_cells(model, n: int, component, covariates: dict[str, str], library: dict[str, float], seed: int) -> dict[str, ad.AnnData]:
     if n < 1:
         raise AtlasDGDError(f"n must be >= 1, got {n}")
-    module = model.module
+    # drawn on the host with a CPU generator: the same seed gives the same cells on every device
+    module = copy.deepcopy(model.module).cpu()
     g = torch.Generator().manual_seed(seed)
     k = _component_index(model, component)
     basal = module.basal.sample(n, k, generator=g)

@@ -15,8 +15,9 @@ import torch
 
 from atlasdgd.infer.candidates import DEFAULT_MEMORY_BUDGET, candidate_search, chunk_cells
 from atlasdgd.model.module import DGDModule
+from atlasdgd.infer.fit import fit_representations
 from atlasdgd.optim.row_adam import RepresentationTable
-from atlasdgd.train.trainer import fit_representations
+from atlasdgd.runtime.device import module_device, to_numpy
 
 
 @dataclass
@@ -55,11 +56,11 @@ def cell_losses(module: DGDModule, loader, values: torch.Tensor) -> tuple[np.nda
     total, recon, n_feat = np.zeros(n), np.zeros(n), np.zeros(n)
     for batch in loader:
         terms = module.losses(batch, values[batch.index])
-        idx = batch.index.numpy()
-        total[idx] = terms.per_cell().numpy()
-        recon[idx] = terms.reconstruction_total().numpy()
+        idx = to_numpy(batch.index)
+        total[idx] = to_numpy(terms.per_cell())
+        recon[idx] = to_numpy(terms.reconstruction_total())
         for m, x in batch.counts.items():
-            observed = np.ones(len(idx)) if batch.observed is None else batch.observed[m].numpy()
+            observed = np.ones(len(idx)) if batch.observed is None else to_numpy(batch.observed[m])
             n_feat[idx] += observed * x.shape[1]
     return total, recon / np.maximum(n_feat, 1)
 
@@ -75,13 +76,14 @@ def map_cells(module: DGDModule, data, options: MappingOptions | None = None, ro
     module.eval()
     rows = np.arange(data.n_cells) if rows is None else np.asarray(rows)
     n = len(rows)
+    device = module_device(module)  # search and refinement run where the module lives
 
     def loader(batch_size: int, shuffle: bool):
-        return data.loader(rows, batch_size, shuffle=shuffle, seed=opt.seed)
+        return data.loader(rows, batch_size, shuffle=shuffle, seed=opt.seed, device=device)
 
     train_loader = loader(opt.batch_size, True)
     if start is not None:
-        start = torch.as_tensor(start, dtype=torch.float32)
+        start = torch.as_tensor(start, dtype=torch.float32).to(device)
         search_loss = torch.from_numpy(cell_losses(module, loader(opt.batch_size, False), start)[0])[:, None]
     else:
         keep = max(1, opt.two_step)
@@ -89,10 +91,10 @@ def map_cells(module: DGDModule, data, options: MappingOptions | None = None, ro
                                                progress=progress)
         start = starts[:, 0] if keep == 1 else _two_step(module, starts, train_loader, loader(opt.batch_size, False),
                                                          opt, progress)
-    table = RepresentationTable(start, opt.lr, opt.betas)
+    table = RepresentationTable(start, opt.lr, opt.betas, device=device)
     curve = fit_representations(module, train_loader, table, opt.epochs, progress=progress, desc="refining")
     loss, recon = cell_losses(module, loader(opt.batch_size, False), table.values)
-    return Mapping(table.values.numpy(), loss, recon, search_loss[:, 0].numpy(), curve)
+    return Mapping(to_numpy(table.values), loss, recon, to_numpy(search_loss[:, 0]), curve)
 
 
 def _two_step(module: DGDModule, starts: torch.Tensor, train_loader, eval_loader, opt: MappingOptions,
@@ -100,10 +102,10 @@ def _two_step(module: DGDModule, starts: torch.Tensor, train_loader, eval_loader
     """Refine each cell's shortlisted candidates briefly; the one that ends lowest per cell."""
     ends, end_loss = [], []
     for j in range(starts.shape[1]):
-        table = RepresentationTable(starts[:, j], opt.lr, opt.betas)
+        table = RepresentationTable(starts[:, j], opt.lr, opt.betas, device=module_device(module))
         fit_representations(module, train_loader, table, opt.two_step_epochs, progress=progress,
                             desc=f"two-step candidate {j + 1}/{starts.shape[1]}")
         ends.append(table.values)
         end_loss.append(torch.from_numpy(cell_losses(module, eval_loader, table.values)[0]))
     choice = torch.stack(end_loss, 1).argmin(1)
-    return torch.stack(ends, 1)[torch.arange(starts.shape[0]), choice]
+    return torch.stack([e.cpu() for e in ends], 1)[torch.arange(starts.shape[0]), choice]

@@ -21,6 +21,7 @@ from atlasdgd.infer.mapping import MappingOptions
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import DGDModule
 from atlasdgd.optim.row_adam import RepresentationTable
+from atlasdgd.runtime.device import module_device
 
 
 def extend_module(module: DGDModule, new_classes: dict[str, int]) -> DGDModule:
@@ -30,14 +31,16 @@ def extend_module(module: DGDModule, new_classes: dict[str, int]) -> DGDModule:
     """
     config = ModelConfig.from_dict(module.config.to_dict())
     config.covariates = {k: n + new_classes.get(k, 0) for k, n in config.covariates.items()}
-    extended = DGDModule(config)
+    device = module_device(module)
+    extended = DGDModule(config).to(device)
+    extended.autocast_dtype = module.autocast_dtype
     state = {k: v.clone() for k, v in module.state_dict().items()}
     for key, n_new in new_classes.items():
         if n_new <= 0:
             continue
         prefix = f"covariate_gmms.{key}."
         old = module.covariate_gmms[key]
-        state[prefix + "means"] = torch.cat([old.means.detach(), torch.zeros(n_new, old.dim)])
+        state[prefix + "means"] = torch.cat([old.means.detach(), torch.zeros(n_new, old.dim, device=device)])
         mean_nu = old.log_precision.detach().mean(0, keepdim=True)
         state[prefix + "log_precision"] = torch.cat([old.log_precision.detach(), mean_nu.expand(n_new, -1)])
         # the average weight of the known classes: log(mean(softmax)) + logsumexp(logits)
@@ -81,9 +84,10 @@ def learn_new_classes(
     rows = np.flatnonzero(new_mask)
 
     # start: candidate search over the known classes (codes still -1), new means from its choice
-    search = data.loader(rows, chunk_cells(module, options.memory_budget), shuffle=False)
+    device = module_device(module)
+    search = data.loader(rows, chunk_cells(module, options.memory_budget), shuffle=False, device=device)
     starts, _ = candidate_search(module, search, len(rows), progress=progress)
-    start = starts[:, 0]
+    start = starts[:, 0].to(device)
     L, d = module.config.latent_dim, module.config.covariate_dim
     with torch.no_grad():
         for key, names in unseen.items():
@@ -92,7 +96,7 @@ def learn_new_classes(
             block = slice(L + q * d, L + (q + 1) * d)
             for j in range(len(names)):
                 code = module.config.covariates[key] + j
-                cells = torch.from_numpy(codes[rows, q] == code)
+                cells = torch.from_numpy(codes[rows, q] == code).to(device)
                 gmm.means[code] = start[cells, block].mean(0)
                 start[cells, block] = gmm.means[code]
 
@@ -111,8 +115,8 @@ def learn_new_classes(
             hooks.append(p.register_hook(lambda g, mask=mask: g * mask))
             params.append(p)
     optimizer = torch.optim.Adam(params, lr=options.lr, betas=options.betas)
-    table = RepresentationTable(start, options.lr, options.betas)
-    loader = data.loader(rows, options.batch_size, shuffle=True, seed=options.seed)
+    table = RepresentationTable(start, options.lr, options.betas, device=device)
+    loader = data.loader(rows, options.batch_size, shuffle=True, seed=options.seed, device=device)
     for epoch in tqdm(range(options.epochs), desc="learning new classes", unit="epoch", disable=not progress,
                       dynamic_ncols=True):
         loader.set_epoch(epoch)

@@ -9,6 +9,7 @@ import torch
 
 from atlasdgd.data.cells import SPLIT_KEY
 from atlasdgd.infer.labels import transfer_labels
+from atlasdgd.runtime.device import on_device_of, to_numpy
 
 EMBEDDING_KEY = "X_dgd"
 CLUSTER_KEY = "dgd_cluster"
@@ -18,21 +19,21 @@ def mapped_cells_table(module, vocab, obs: pd.DataFrame, mapping) -> ad.AnnData:
     """The query's obs plus dgd_cluster, dgd_label(+confidence), dgd_<covariate>, dgd_nll_per_feature;
     obsm X_dgd and X_dgd_<covariate>."""
     obs = obs.copy()
-    z = torch.from_numpy(mapping.values)
+    z = on_device_of(module, mapping.values)
     with torch.no_grad():
         basal, covs = module.split_representation(z)
-        obs[CLUSTER_KEY] = pd.Categorical(module.basal.cluster(basal).numpy(), categories=range(module.config.n_components))
+        obs[CLUSTER_KEY] = pd.Categorical(to_numpy(module.basal.cluster(basal)), categories=range(module.config.n_components))
         if any(lab is not None for lab in vocab.component_labels):
-            labels, confidence = transfer_labels(module.basal.posterior(basal).numpy(), vocab.component_labels)
+            labels, confidence = transfer_labels(to_numpy(module.basal.posterior(basal)), vocab.component_labels)
             obs["dgd_label"] = pd.Categorical(labels)
             obs["dgd_label_confidence"] = confidence
         for key, gmm in module.covariate_gmms.items():
             # the class each cell's covariate block sits closest to (its own where it was known)
             names = np.asarray(vocab.covariates[key], dtype=object)
-            obs[f"dgd_{key}"] = pd.Categorical(names[gmm.cluster(covs[key]).numpy()], categories=list(names))
+            obs[f"dgd_{key}"] = pd.Categorical(names[to_numpy(gmm.cluster(covs[key]))], categories=list(names))
     obs["dgd_nll_per_feature"] = mapping.recon_per_feature
-    obsm = {EMBEDDING_KEY: basal.numpy().copy()}
-    obsm.update({f"{EMBEDDING_KEY}_{k}": v.numpy().copy() for k, v in covs.items()})
+    obsm = {EMBEDDING_KEY: to_numpy(basal).copy()}
+    obsm.update({f"{EMBEDDING_KEY}_{k}": to_numpy(v).copy() for k, v in covs.items()})
     return ad.AnnData(obs=obs, obsm=obsm)
 
 
@@ -65,10 +66,10 @@ def predicted_modalities(module, vocab, library_model, aligned, values: np.ndarr
     dgd_library(+_source) and the mapping's obs/obsm (see :mod:`atlasdgd.infer.library`)."""
     measured = {m: aligned.library(m) for m in aligned.modalities}
     with torch.no_grad():
-        log_y = module.log_fractions(torch.from_numpy(values))
+        log_y = module.log_fractions(on_device_of(module, values))
     out = {}
     for m, features in vocab.features.items():
-        y = torch.exp(log_y[m]).numpy()
+        y = to_numpy(torch.exp(log_y[m]))
         observed = aligned.observed[m]
         library, source = library_model.predict(m, measured, aligned.observed)
         if m in measured:
@@ -80,7 +81,32 @@ def predicted_modalities(module, vocab, library_model, aligned, values: np.ndarr
         obs["dgd_library"] = library
         obs["dgd_library_source"] = pd.Categorical(source)
         var = pd.DataFrame(index=pd.Index(features))
-        var["dgd_dispersion"] = module.dispersion(m).detach().numpy()
+        var["dgd_dispersion"] = to_numpy(module.dispersion(m))
         out[m] = ad.AnnData(X=y.astype(np.float32), obs=obs, var=var, obsm=dict(table.obsm),
                             layers={"dgd_mean": (y * library[:, None]).astype(np.float32)})
+    return out
+
+
+def training_cells_table(module, obs: pd.DataFrame, values: np.ndarray) -> ad.AnnData:
+    """The model's cell table: obs plus dgd_cluster; obsm X_dgd and X_dgd_<covariate>."""
+    obs = obs.copy()
+    z = on_device_of(module, values)
+    with torch.no_grad():
+        obs[CLUSTER_KEY] = pd.Categorical(to_numpy(module.cluster(z)), categories=range(module.config.n_components))
+    basal, covs = module.split_representation(z)
+    obsm = {EMBEDDING_KEY: to_numpy(basal).copy()}
+    obsm.update({f"{EMBEDDING_KEY}_{k}": to_numpy(v).copy() for k, v in covs.items()})
+    return ad.AnnData(obs=obs, obsm=obsm)
+
+
+def component_labels(cells: ad.AnnData, label_key: str | None, n_components: int) -> list[str | None]:
+    """Majority training-cell label of each mixture component (None where it has no labelled cell)."""
+    if not label_key:
+        return []
+    obs = cells.obs
+    train = obs[(obs[SPLIT_KEY] == "train") & obs[label_key].notna()]
+    out: list[str | None] = []
+    for k in range(n_components):
+        labels = train.loc[train[CLUSTER_KEY] == k, label_key]
+        out.append(str(labels.value_counts().idxmax()) if len(labels) else None)
     return out

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from atlasdgd.errors import InputError
+from atlasdgd.runtime.device import on_device_of, to_numpy
 from atlasdgd.model.module import DGDModule
 from atlasdgd.model.nb import nb_log_prob
 
@@ -69,7 +70,8 @@ def perturb_genes(
     groups = np.full(data.n_cells, "all", dtype=object) if groups is None else np.asarray(groups, dtype=object)
     group_names = pd.unique(groups)
     col_of = {int(f): j for j, f in enumerate(data.features[modality])}
-    values_t = torch.as_tensor(values, dtype=torch.float32)
+    values_t = on_device_of(module, values)
+    device = values_t.device
     mods = list(module.config.modalities)
     frames = []
     module.eval()
@@ -79,11 +81,11 @@ def perturb_genes(
         sums = {m: np.zeros((len(group_names), module.config.modalities[m])) for m in mods}
         n_cells = np.zeros(len(group_names), dtype=np.int64)
         if len(rows):
-            loader = data.loader(rows, batch_size, shuffle=False)
+            loader = data.loader(rows, batch_size, shuffle=False, device=device)
             for batch in loader:
-                cells = rows[batch.index.numpy()]
-                z0 = values_t[cells]
-                lib = batch.library[modality] - torch.from_numpy(x_g[cells].astype(np.float32))
+                cells = rows[to_numpy(batch.index)]
+                z0 = values_t[torch.from_numpy(cells).to(device)]
+                lib = batch.library[modality] - torch.from_numpy(x_g[cells].astype(np.float32)).to(device)
                 z1 = _perturbed(module, z0, modality, gi, lib.clamp_min(1.0), steps, lr, betas)
                 with torch.no_grad():
                     y0 = module.log_fractions(z0)
@@ -91,7 +93,7 @@ def perturb_genes(
                 gcode = pd.Index(group_names).get_indexer(groups[cells])
                 n_cells += np.bincount(gcode, minlength=len(group_names))
                 for m in mods:
-                    delta = (torch.exp(y1[m]) - torch.exp(y0[m])).numpy()
+                    delta = to_numpy(torch.exp(y1[m]) - torch.exp(y0[m]))
                     np.add.at(sums[m], gcode, delta)
         for m in mods:
             mean = sums[m] / np.maximum(n_cells, 1)[:, None]

@@ -21,6 +21,7 @@ from scipy import sparse
 
 from atlasdgd.data import validate
 from atlasdgd.data.adapters import read_modalities
+from atlasdgd.data.source import LoadsBatches
 from atlasdgd.errors import InputError
 
 UNKNOWN = -1
@@ -28,7 +29,7 @@ DEFAULT_MIN_OVERLAP = 0.5
 
 
 @dataclass
-class Query:
+class Query(LoadsBatches):
     """Counts of the modalities the query measured, restricted to the model features it has.
 
     ``counts[m]`` has one column per entry of ``features[m]`` (indices into the model's features of
@@ -58,13 +59,19 @@ class Query:
     def covariate_codes(self) -> np.ndarray:
         return self.covariates
 
-    def loader(self, rows: np.ndarray, batch_size: int = 128, shuffle: bool = True, seed: int = 0):
-        from atlasdgd.data.loader import InMemoryLoader
+    def n_features(self, modality: str) -> int:
+        """Measured model features (columns of ``counts``)."""
+        return self.counts[modality].shape[1]
 
-        return InMemoryLoader(self, rows, batch_size, shuffle=shuffle, seed=seed)
+    def read_rows(self, modality: str, rows: np.ndarray) -> sparse.csr_matrix:
+        return self.counts[modality][rows]
 
     def complete_features(self, modality: str) -> bool:
         return len(self.features[modality]) == self.n_model_features[modality]
+
+    def feature_subsets(self) -> dict[str, np.ndarray] | None:
+        """Model feature indices of the modalities measured on only some features (None: all complete)."""
+        return {m: idx for m, idx in self.features.items() if m in self.counts and not self.complete_features(m)} or None
 
 
 def _best_matching_modality(data, features: dict[str, list[str]], modality_key: str | None) -> str:

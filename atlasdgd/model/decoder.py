@@ -42,4 +42,9 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor, modalities: list[str] | None = None) -> dict[str, torch.Tensor]:
         h = self.trunk(z)
         names = modalities if modalities is not None else list(self.heads)
-        return {m: torch.log_softmax(self.heads[m](h), dim=-1) for m in names}
+        # log-softmax in fp32 even when the matrix products run in bf16 (mixed precision)
+        return {m: torch.log_softmax(_at_least_fp32(self.heads[m](h)), dim=-1) for m in names}
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x

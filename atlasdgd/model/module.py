@@ -35,6 +35,22 @@ class Batch:
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
+    def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
+        """The batch on ``device`` (``cells`` stays on the CPU: it indexes host-side tables)."""
+
+        def move(t):
+            return t.to(device, non_blocking=non_blocking)
+
+        return Batch(
+            index=move(self.index),
+            counts={m: move(v) for m, v in self.counts.items()},
+            library={m: move(v) for m, v in self.library.items()},
+            covariates=None if self.covariates is None else move(self.covariates),
+            observed=None if self.observed is None else {m: move(v) for m, v in self.observed.items()},
+            features=None if self.features is None else {m: move(v) for m, v in self.features.items()},
+            cells=self.cells,
+        )
+
 
 @dataclass
 class LossTerms:
@@ -55,9 +71,13 @@ class LossTerms:
 
 
 class DGDModule(nn.Module):
+    """Decoder, dispersions and mixtures. ``autocast_dtype`` (runtime, not saved): run the decoder's
+    matrix products in that dtype (bf16 mixed precision); likelihood and priors stay in fp32."""
+
     def __init__(self, config: ModelConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = config
+        self.autocast_dtype: torch.dtype | None = None
         self.decoder = Decoder(config.representation_dim, config.modalities, config.hidden, config.head_layers)
         self.log_dispersion = nn.ParameterDict({m: nn.Parameter(torch.zeros(n)) for m, n in config.modalities.items()})
         self.basal = GaussianMixture(
@@ -105,16 +125,21 @@ class DGDModule(nn.Module):
         return z[:, :L], covs
 
     def log_fractions(self, z: torch.Tensor, modalities: list[str] | None = None) -> dict[str, torch.Tensor]:
-        return self.decoder(z, modalities)
+        """Decoded log fractions (fp32 whatever the decoder's precision)."""
+        if self.autocast_dtype is None:
+            return self.decoder(z, modalities)
+        with torch.autocast(device_type=z.device.type, dtype=self.autocast_dtype):
+            out = self.decoder(z, modalities)
+        return out  # already fp32: the decoder's log-softmax runs in fp32
 
     def predicted_mean(self, z: torch.Tensor, library: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """mu = s * y for every modality in ``library``."""
-        log_y = self.decoder(z, list(library))
+        log_y = self.log_fractions(z, list(library))
         return {m: torch.exp(log_y[m]) * library[m][:, None] for m in library}
 
     def losses(self, batch: Batch, z: torch.Tensor) -> LossTerms:
         """Per-cell negative log terms for the cells of ``batch`` at representations ``z``."""
-        log_y = self.decoder(z, list(batch.counts))
+        log_y = self.log_fractions(z, list(batch.counts))
         recon = {}
         for m, x in batch.counts.items():
             log_fraction, r = log_y[m], self.dispersion(m)

@@ -21,13 +21,15 @@ class RepresentationTable:
         lr: float = 1e-2,
         betas: tuple[float, float] = (0.5, 0.7),
         eps: float = 1e-8,
+        device: torch.device | str | None = None,
     ):
         if values.ndim != 2:
             raise ValueError(f"a representation table is 2-D (cells x dims), got shape {tuple(values.shape)}")
-        self.values = values.detach().clone().float().contiguous()
+        device = values.device if device is None else torch.device(device)
+        self.values = values.detach().to(device=device, dtype=torch.float32, copy=True).contiguous()
         self.exp_avg = torch.zeros_like(self.values)
         self.exp_avg_sq = torch.zeros_like(self.values)
-        self.steps = torch.zeros(self.values.shape[0], dtype=torch.int64)
+        self.steps = torch.zeros(self.values.shape[0], dtype=torch.int64, device=device)
         self.lr, self.betas, self.eps = lr, betas, eps
 
     def __len__(self) -> int:
@@ -36,6 +38,10 @@ class RepresentationTable:
     @property
     def dim(self) -> int:
         return self.values.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` as a fresh leaf tensor that collects their gradient."""
@@ -67,7 +73,8 @@ class RepresentationTable:
         for key in ("values", "exp_avg", "exp_avg_sq", "steps"):
             if state[key].shape[0] != len(self):
                 raise ValueError(f"table state {key!r} has {state[key].shape[0]} rows, the table has {len(self)}")
-        self.values = state["values"].clone()
-        self.exp_avg = state["exp_avg"].clone()
-        self.exp_avg_sq = state["exp_avg_sq"].clone()
-        self.steps = state["steps"].clone()
+        device = self.device
+        self.values = state["values"].to(device, copy=True)
+        self.exp_avg = state["exp_avg"].to(device, copy=True)
+        self.exp_avg_sq = state["exp_avg_sq"].to(device, copy=True)
+        self.steps = state["steps"].to(device, copy=True)

@@ -1,24 +1,22 @@
 """StoreCells: a store (zarr or TileDB-SOMA) seen as training data, with the interface of CellData.
 
-Nothing but the cell table is held in memory; counts are read by the streaming loader. The PCA start
-is fitted on a sample of training cells and every cell is projected block by block.
+Nothing but the cell table is held in memory; counts are read block by block by the one loader
+(:class:`~atlasdgd.data.loader.CellLoader`) and the PCA start (:func:`atlasdgd.train.init.pca_start`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy import sparse
 
 from atlasdgd.data.cells import SPLIT_KEY, CellTable
+from atlasdgd.data.source import LoadsBatches
 from atlasdgd.errors import InputError
-from atlasdgd.model.module import Batch
 from atlasdgd.store.format import StoreError
-from atlasdgd.train.init import centred_components, scale_to_radius
 
 
-class StoreCells(CellTable):
+class StoreCells(CellTable, LoadsBatches):
     def __init__(self, store, label_key: str | None = None, covariate_keys: list[str] | tuple[str, ...] | None = None,
                  modalities: list[str] | None = None):
         self.store = store
@@ -60,83 +58,8 @@ class StoreCells(CellTable):
     def library(self, modality: str) -> np.ndarray:
         return self._library[modality]
 
-    def loader(self, rows: np.ndarray, batch_size: int = 128, shuffle: bool = True, seed: int = 0,
-               rank: int = 0, world_size: int = 1, **options):
-        from atlasdgd.store.loader import StreamingLoader
-
-        return StreamingLoader(self, rows, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
-                               **options)
-
-    def batch(self, index: torch.Tensor, cells: np.ndarray, counts: dict[str, torch.Tensor]) -> Batch:
-        observed = {m: torch.from_numpy(self.observed[m][cells]) for m in self._modalities}
-        all_observed = all(bool(o.all()) for o in observed.values())
-        return Batch(
-            index=index,
-            counts=counts,
-            library={m: torch.from_numpy(self._library[m][cells]) for m in self._modalities},
-            covariates=torch.from_numpy(self._covariates[cells]),
-            observed=None if all_observed else observed,
-            cells=torch.from_numpy(np.asarray(cells)),
-        )
-
-    # -- start positions -------------------------------------------------------------------
     def read_rows(self, modality: str, rows: np.ndarray) -> sparse.csr_matrix:
         return self.store.read_rows(modality, np.sort(rows))
-
-    def pca_start(self, groups: np.ndarray, dim: int, radius: float, seed: int, fit_mask: np.ndarray,
-                  max_fit_cells: int = 20_000, block_cells: int = 8192) -> np.ndarray:
-        """Batch-centred PCA start (as :func:`atlasdgd.train.init.pca_representations`), fitted on at most
-        ``max_fit_cells`` training cells read from the store and applied to every cell block by block."""
-        rng = np.random.default_rng(seed)
-        pool = np.flatnonzero(fit_mask)
-        fit = np.sort(rng.choice(pool, size=min(len(pool), max_fit_cells), replace=False))
-        targets = {}
-        for m in self._modalities:
-            lib = self._library[m][pool]
-            targets[m] = float(np.median(lib[lib > 0])) if (lib > 0).any() else 1.0
-
-        def normalised(counts: dict[str, sparse.csr_matrix], cells: np.ndarray, weights=None) -> sparse.csr_matrix:
-            parts = []
-            for m in self._modalities:
-                lib = self._library[m][cells].astype(np.float64)
-                scale = np.divide(targets[m], lib, out=np.zeros_like(lib), where=lib > 0)
-                y = sparse.csr_matrix(sparse.diags(scale) @ counts[m], dtype=np.float64)
-                y.data = np.log1p(y.data)
-                parts.append(y if weights is None else y * weights[m])
-            return sparse.hstack(parts, format="csr")
-
-        sample = {m: self.store.read_rows(m, fit) for m in self._modalities}
-        weights = {}
-        for m in self._modalities:
-            y = normalised({mm: sample[mm] for mm in self._modalities}, fit).tocsc()[:, self._offsets(m)]
-            var = np.asarray(y.multiply(y).mean(axis=0)).ravel() - np.asarray(y.mean(axis=0)).ravel() ** 2
-            total = float(np.maximum(var, 0).sum())
-            weights[m] = 1.0 / np.sqrt(total) if total > 0 else 1.0
-        yf = normalised(sample, fit, weights)
-        _, codes = np.unique(groups, return_inverse=True)
-        n_groups = codes.max() + 1
-        gf = codes[fit]
-        onehot = sparse.csr_matrix((np.ones(len(fit)), (gf, np.arange(len(fit)))), shape=(n_groups, len(fit)))
-        group_means = np.asarray((onehot @ yf).todense()) / np.maximum(np.bincount(gf, minlength=n_groups), 1)[:, None]
-        k = min(dim, min(yf.shape) - 1)
-        z = np.zeros((self.n_cells, dim), dtype=np.float32)  # float32: N x dim for every cell of the atlas
-        if k < 1:
-            return z.astype(np.float32)
-        v = centred_components(yf, gf, group_means, k, seed)
-        shift = group_means @ v
-        for start in range(0, self.n_cells, block_cells):
-            cells = np.arange(start, min(self.n_cells, start + block_cells))
-            counts = {m: self.store.read_range(m, int(cells[0]), int(cells[-1]) + 1) for m in self._modalities}
-            z[cells, :k] = normalised(counts, cells, weights) @ v - shift[codes[cells]]
-        return scale_to_radius(z, pool, radius)
-
-    def _offsets(self, modality: str) -> slice:
-        start = 0
-        for m in self._modalities:
-            if m == modality:
-                return slice(start, start + self.n_features(m))
-            start += self.n_features(m)
-        raise KeyError(modality)
 
 
 def open_store(uri: str, storage_options: dict | None = None, **kwargs) -> StoreCells:

@@ -30,9 +30,12 @@ class TrainConfig:
     representation_steps: int = 1  # representation Adam steps per minibatch visit
     heldout_epochs: int = 20  # refinement epochs for test-cell representations after training
     seed: int = 0
+    precision: str = "32"  # "bf16-mixed": decoder matrix products in bf16, likelihood and priors in fp32
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if self.precision not in ("32", "bf16-mixed"):
+            raise ValueError(f"precision must be '32' or 'bf16-mixed', got {self.precision!r}")
         if self.hyperprior not in ("dataset", "cell"):
             raise ValueError("hyperprior must be 'dataset' or 'cell'")
         if self.init not in ("pca", "zero"):

@@ -31,4 +31,8 @@ class EarlyStopping:
         return epoch + 1 >= self.min_epochs and epoch - self.best_epoch >= self.patience
 
     def state_dict(self) -> dict:
+        """The stopping state (the snapshot is saved apart: it is tensors)."""
         return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])

@@ -10,30 +10,31 @@ start from k-means on those positions.
 from __future__ import annotations
 
 import numpy as np
-from scipy import sparse
-from scipy.sparse.linalg import LinearOperator, svds
-from sklearn.cluster import KMeans
+
+# scipy and scikit-learn are imported where used: the training core imports with torch and numpy alone
 
 
-def _log_normalise(x: sparse.csr_matrix, fit_rows: np.ndarray) -> sparse.csr_matrix:
-    """log1p of counts scaled to the median library size of the ``fit_rows`` cells."""
-    lib = np.asarray(x.sum(axis=1)).ravel()
-    fit_lib = lib[fit_rows]
-    target = float(np.median(fit_lib[fit_lib > 0])) if (fit_lib > 0).any() else 1.0
-    scale = np.divide(target, lib, out=np.zeros_like(lib, dtype=np.float64), where=lib > 0)
-    y = sparse.csr_matrix(sparse.diags(scale) @ x, dtype=np.float64)
-    y.data = np.log1p(y.data)
-    return y
+class _CountsSource:
+    """Counts already in memory seen as a cell source (for :func:`pca_representations`)."""
 
+    def __init__(self, counts: dict):
+        self.counts = counts
+        self.modalities = list(counts)
+        self.n_cells = next(iter(counts.values())).shape[0]
+        self._library = {m: np.asarray(x.sum(axis=1)).ravel().astype(np.float32) for m, x in counts.items()}
 
-def _column_moments(y: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    mean = np.asarray(y.mean(axis=0)).ravel()
-    sq = np.asarray(y.multiply(y).mean(axis=0)).ravel()
-    return mean, np.maximum(sq - mean**2, 0.0)
+    def library(self, modality: str) -> np.ndarray:
+        return self._library[modality]
+
+    def n_features(self, modality: str) -> int:
+        return self.counts[modality].shape[1]
+
+    def read_rows(self, modality: str, rows: np.ndarray):
+        return self.counts[modality][rows]
 
 
 def pca_representations(
-    counts: dict[str, sparse.csr_matrix],
+    counts: dict,
     groups: np.ndarray,
     dim: int,
     radius: float,
@@ -41,46 +42,80 @@ def pca_representations(
     fit_mask: np.ndarray | None = None,
     max_fit_cells: int = 20_000,
 ) -> np.ndarray:
-    """``[N, dim]`` initial representations from PCA of log-normalised counts.
+    """:func:`pca_start` of CSR counts held in memory (``modality -> [N, F]``)."""
+    source = _CountsSource(counts)
+    fit_mask = np.ones(source.n_cells, dtype=bool) if fit_mask is None else np.asarray(fit_mask, dtype=bool)
+    return pca_start(source, groups, dim, radius, seed, fit_mask, max_fit_cells)
 
-    Each modality is log-normalised and weighted so that all modalities carry equal total variance;
-    each batch group (the joint covariate classes) is centred separately so batch offsets do not
-    become principal axes; the PCA and the centring are fitted on at most ``max_fit_cells`` cells
-    (of those in ``fit_mask``: training cells, so held-out cells do not shape it) and every cell is
-    projected. Scores are scaled by one factor so the mean norm is radius / 2.
+
+def pca_start(source, groups: np.ndarray, dim: int, radius: float, seed: int, fit_mask: np.ndarray,
+              max_fit_cells: int = 20_000, block_cells: int = 8192) -> np.ndarray:
+    """``[N, dim]`` float32 start positions from a batch-centred PCA of log-normalised counts, for any
+    cell source (:class:`~atlasdgd.data.source.CellSource`): in memory, a store, SOMA.
+
+    Each modality is log-normalised (to the median library of the ``fit_mask`` cells) and weighted so
+    that all modalities carry equal total variance; each batch group (the joint covariate classes) is
+    centred separately so batch offsets do not become principal axes. Weights, group means and the
+    principal axes are fitted on at most ``max_fit_cells`` training cells (held-out cells do not
+    shape them); every cell is then projected block by block, so memory is one block of counts
+    plus ``N x dim`` scores. Scores are scaled by one factor so the mean norm is radius / 2.
     """
+    from scipy import sparse
+
+    modalities = list(source.modalities)
+    n = source.n_cells
     rng = np.random.default_rng(seed)
-    n = next(iter(counts.values())).shape[0]
-    fit_pool = np.arange(n) if fit_mask is None else np.flatnonzero(fit_mask)
-    blocks = []
-    for x in counts.values():
-        y = _log_normalise(x, fit_pool)
-        _, var = _column_moments(y[fit_pool])
-        total = var.sum()
-        blocks.append(y * (1.0 / np.sqrt(total)) if total > 0 else y)
-    y = sparse.hstack(blocks, format="csr")
-    f = y.shape[1]
-    _, group_codes = np.unique(groups, return_inverse=True)
-    n_groups = group_codes.max() + 1
-    onehot = sparse.csr_matrix((np.ones(n), (np.arange(n), group_codes)), shape=(n, n_groups))
-    fit_onehot = onehot[fit_pool]
-    counts_per_group = np.maximum(np.asarray(fit_onehot.sum(axis=0)).ravel(), 1)
-    group_means = np.asarray((fit_onehot.T @ y[fit_pool]).todense()) / counts_per_group[:, None]
+    pool = np.flatnonzero(fit_mask)
+    fit = np.sort(rng.choice(pool, size=min(len(pool), max_fit_cells), replace=False))
+    targets = {}
+    for m in modalities:
+        lib = source.library(m)[pool]
+        targets[m] = float(np.median(lib[lib > 0])) if (lib > 0).any() else 1.0
 
-    fit_rows = np.sort(rng.choice(fit_pool, size=min(len(fit_pool), max_fit_cells), replace=False))
-    k = min(dim, min(len(fit_rows), f) - 1)
+    def normalised(counts: dict, cells: np.ndarray, weights=None):
+        parts = []
+        for m in modalities:
+            lib = source.library(m)[cells].astype(np.float64)
+            scale = np.divide(targets[m], lib, out=np.zeros_like(lib), where=lib > 0)
+            y = sparse.csr_matrix(sparse.diags(scale) @ counts[m], dtype=np.float64)
+            y.data = np.log1p(y.data)
+            parts.append(y if weights is None else y * weights[m])
+        return sparse.hstack(parts, format="csr")
+
+    sample = {m: sparse.csr_matrix(source.read_rows(m, fit)) for m in modalities}
+    y = normalised(sample, fit).tocsc()
+    weights, start = {}, 0
+    for m in modalities:
+        block = y[:, start : start + source.n_features(m)]
+        start += source.n_features(m)
+        var = np.asarray(block.multiply(block).mean(axis=0)).ravel() - np.asarray(block.mean(axis=0)).ravel() ** 2
+        total = float(np.maximum(var, 0).sum())
+        weights[m] = 1.0 / np.sqrt(total) if total > 0 else 1.0
+    yf = normalised(sample, fit, weights)
+    _, codes = np.unique(groups, return_inverse=True)
+    n_groups = codes.max() + 1
+    gf = codes[fit]
+    onehot = sparse.csr_matrix((np.ones(len(fit)), (gf, np.arange(len(fit)))), shape=(n_groups, len(fit)))
+    group_means = np.asarray((onehot @ yf).todense()) / np.maximum(np.bincount(gf, minlength=n_groups), 1)[:, None]
+    k = min(dim, min(yf.shape) - 1)
+    z = np.zeros((n, dim), dtype=np.float32)  # float32: N x dim for every cell of the atlas
     if k < 1:
-        return np.zeros((n, dim), dtype=np.float32)
-    v = centred_components(y[fit_rows], group_codes[fit_rows], group_means, k, seed)
-    scores = y @ v - (group_means @ v)[group_codes]
-    z = np.zeros((n, dim))
-    z[:, :k] = scores
-    return scale_to_radius(z, fit_pool, radius)
+        return z
+    v = centred_components(yf, gf, group_means, k, seed)
+    shift = group_means @ v
+    for first in range(0, n, block_cells):
+        cells = np.arange(first, min(n, first + block_cells))
+        counts = {m: sparse.csr_matrix(source.read_rows(m, cells)) for m in modalities}
+        z[cells, :k] = normalised(counts, cells, weights) @ v - shift[codes[cells]]
+    return scale_to_radius(z, pool, radius)
 
 
-def centred_components(yf: sparse.csr_matrix, gf: np.ndarray, group_means: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Top ``k`` right singular vectors ``[F, k]`` of ``yf`` with each row's group mean subtracted,
+def centred_components(yf, gf: np.ndarray, group_means: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Top ``k`` right singular vectors ``[F, k]`` of CSR ``yf`` with each row's group mean subtracted,
     without densifying (a LinearOperator for svds)."""
+    from scipy import sparse
+    from scipy.sparse.linalg import LinearOperator, svds
+
     rng = np.random.default_rng(seed)
     n_groups = group_means.shape[0]
     op = LinearOperator(
@@ -130,7 +165,7 @@ def mixture_start(
         if len(np.unique(assign[assign >= 0])) < k:
             raise ValueError(f"gmm_init='labels' needs cells of all {k} labels among the training cells")
     elif method == "leiden":
-        from atlasdgd.evaluate.metrics import leiden_clusters
+        from atlasdgd.train.leiden import leiden_clusters
 
         assign = leiden_clusters(sub, k, seed)
         if assign.max() + 1 != k:
@@ -138,6 +173,8 @@ def mixture_start(
     elif method != "kmeans":
         raise ValueError(f"unknown mixture start {method!r}: use 'leiden', 'kmeans' or 'labels'")
     if assign is None:
+        from sklearn.cluster import KMeans
+
         assign = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(sub)
     means = np.stack([sub[assign == c].mean(0) for c in range(k)]).astype(np.float32)
     variances = np.stack([sub[assign == c].var(0) if (assign == c).sum() > 1 else np.ones(z.shape[1]) for c in range(k)])

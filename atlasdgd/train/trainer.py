@@ -12,67 +12,12 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from atlasdgd.distributed.sync import all_reduce_sum, allreduce_gradients, world_size
+from atlasdgd.infer.fit import EpochStats, representation_step
 from atlasdgd.model.module import Batch, DGDModule
+from atlasdgd.runtime.sync import all_reduce_sum, allreduce_gradients, world_size
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.early_stopping import EarlyStopping
-
-
-class EpochStats:
-    """Running sums over an epoch, reported per cell and per feature."""
-
-    def __init__(self, n_features: dict[str, int]):
-        self.n_features = n_features
-        self.cells = 0
-        self.objective = 0.0
-        self.recon = {m: 0.0 for m in n_features}
-        self.recon_cells = {m: 0 for m in n_features}
-
-    def add(self, batch: Batch, terms, objective_sum: float) -> None:
-        self.cells += len(batch)
-        self.objective += objective_sum
-        for m, v in terms.reconstruction.items():
-            self.recon[m] += float(v.detach().sum())
-            self.recon_cells[m] += len(batch) if batch.observed is None else int(batch.observed[m].sum())
-
-    def recon_per_feature(self, m: str) -> float:
-        return self.recon[m] / max(1, self.recon_cells[m] * self.n_features[m])
-
-    def all_reduce(self) -> "EpochStats":
-        """Sum the statistics over data-parallel workers (a no-op in one process)."""
-        keys = list(self.recon)
-        values = all_reduce_sum([self.cells, self.objective] + [self.recon[m] for m in keys]
-                                + [self.recon_cells[m] for m in keys])
-        self.cells, self.objective = int(values[0]), values[1]
-        for i, m in enumerate(keys):
-            self.recon[m] = values[2 + i]
-            self.recon_cells[m] = int(values[2 + len(keys) + i])
-        return self
-
-    def summary(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}_loss": self.objective / max(1, self.cells)}
-        total_nll = sum(self.recon.values())
-        total_entries = sum(self.recon_cells[m] * self.n_features[m] for m in self.recon)
-        out[f"{prefix}_recon"] = total_nll / max(1, total_entries)
-        for m in self.recon:
-            out[f"{prefix}_recon_{m}"] = self.recon_per_feature(m)
-        return out
-
-
-def representation_step(
-    module: DGDModule, batch: Batch, table: RepresentationTable, steps: int = 1
-):
-    """Optimise only the rows of ``batch`` (decoder and mixtures frozen); returns the first loss terms."""
-    first = None
-    for _ in range(steps):
-        z = table.gather(batch.index)
-        terms = module.losses(batch, z)
-        (grad,) = torch.autograd.grad(terms.per_cell().sum() / len(batch), z)
-        table.step(batch.index, grad)
-        if first is None:
-            first = terms
-    return first
 
 
 class Trainer:
@@ -129,7 +74,7 @@ class Trainer:
         self.train_table.step(batch.index, z.grad)
         if self.config.representation_steps > 1:
             representation_step(self.module, batch, self.train_table, self.config.representation_steps - 1)
-        return terms, float(per_cell.detach().sum())
+        return terms, per_cell.detach().sum()
 
     def train_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
         self.module.train()
@@ -144,8 +89,25 @@ class Trainer:
         stats = EpochStats(self.n_features)
         for batch in loader:
             terms = representation_step(self.module, batch, self.val_table, self.config.representation_steps)
-            stats.add(batch, terms, float(terms.per_cell().detach().sum()))
+            stats.add(batch, terms, terms.per_cell().detach().sum())
         return stats.all_reduce().summary("val")
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs: weights, optimiser states and both representation tables."""
+        return {
+            "module": self.module.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "train": self.train_table.state_dict(),
+            "validation": None if self.val_table is None else self.val_table.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        for opt, opt_state in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)  # moves the moments to the parameters' device
+        self.train_table.load_state_dict(state["train"])
+        if self.val_table is not None and state.get("validation") is not None:
+            self.val_table.load_state_dict(state["validation"])
 
     def state(self) -> dict:
         """What early stopping keeps: dense weights and the representation values."""
@@ -157,9 +119,9 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
-        self.train_table.values = state["train"].clone()
+        self.train_table.values = state["train"].to(self.train_table.device, copy=True)
         if self.val_table is not None and state["val"] is not None:
-            self.val_table.values = state["val"].clone()
+            self.val_table.values = state["val"].to(self.val_table.device, copy=True)
 
     def fit(
         self,
@@ -184,7 +146,7 @@ class Trainer:
         if resume is not None:
             history, start = list(resume["history"]), resume["epoch"] + 1
             if stopper is not None:
-                stopper.best, stopper.best_epoch = resume["stopper"]["best"], resume["stopper"]["best_epoch"]
+                stopper.load_state_dict(resume["stopper"])
                 stopper.snapshot = resume.get("snapshot")
         finished = stopper is not None and start > 0 and stopper.should_stop(start - 1)
         bar = tqdm(range(start, cfg.max_epochs if not finished else start), desc="training", unit="epoch",
@@ -219,27 +181,3 @@ class Trainer:
             for row in history:
                 row["best"] = row["epoch"] == stopper.best_epoch
         return history
-
-
-def fit_representations(
-    module: DGDModule,
-    loader,
-    table: RepresentationTable,
-    epochs: int,
-    steps: int = 1,
-    progress: bool = False,
-    desc: str = "fitting representations",
-) -> list[float]:
-    """Representation-only epochs (decoder and mixtures frozen); returns reconstruction NLL per feature per epoch."""
-    from tqdm.auto import tqdm
-
-    n_features = dict(module.config.modalities)
-    curve = []
-    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True):
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        stats = EpochStats(n_features)
-        for batch in loader:
-            stats.add(batch, representation_step(module, batch, table, steps), 0.0)
-        curve.append(stats.summary("fit")["fit_recon"])
-    return curve

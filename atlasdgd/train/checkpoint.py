@@ -5,7 +5,11 @@
                                 the train and validation tables, and the best-so-far values
       dense.safetensors         decoder, dispersions, mixtures, optimizer moments, best-so-far weights
       state.json                epoch, history, early-stopping state, optimizer settings, world size
-      checkpoint.json           manifest, written last by worker 0 after every shard is written
+      checkpoint.json           manifest (format, version, epoch, world size), written last by worker 0
+                                after every shard is written
+
+What is saved is exactly the trainer's ``state_dict()`` (module, optimisers, representation tables)
+and the early-stopping state, all moved to the host: a checkpoint written on a GPU resumes on a CPU.
 
 Workers write their shards in place and meet at a barrier; worker 0 then writes the dense state and
 the manifest. A checkpoint without a manifest (a job killed while writing) is never loaded. Loading
@@ -19,20 +23,37 @@ import json
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
 
-from atlasdgd.distributed import sync
-from atlasdgd.store.format import filesystem
+from atlasdgd.errors import ModelFileError
+from atlasdgd.runtime import sync
 
 MANIFEST = "checkpoint.json"
+FORMAT, VERSION = "atlasdgd-checkpoint", 1
 KEEP = 2  # complete checkpoints kept
+TABLE_KEYS = ("values", "exp_avg", "exp_avg_sq", "steps")
 
 
-def _optimizer_tensors(optimizers) -> tuple[dict[str, torch.Tensor], list]:
+def filesystem(uri: str, storage_options: dict | None):
+    from atlasdgd.store.format import filesystem as fs_of  # fsspec only when checkpoints are used
+
+    return fs_of(uri, storage_options)
+
+
+def _save_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def _load_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
+
+
+def _optimizer_tensors(optimizer_states: list[dict]) -> tuple[dict[str, torch.Tensor], list]:
     tensors, groups = {}, []
-    for i, opt in enumerate(optimizers):
-        sd = opt.state_dict()
+    for i, sd in enumerate(optimizer_states):
         groups.append(sd["param_groups"])
         for pid, state in sd["state"].items():
             for key, value in state.items():
@@ -40,14 +61,16 @@ def _optimizer_tensors(optimizers) -> tuple[dict[str, torch.Tensor], list]:
     return tensors, groups
 
 
-def _load_optimizers(optimizers, tensors: dict[str, torch.Tensor], groups: list) -> None:
-    for i, opt in enumerate(optimizers):
+def _optimizer_states(tensors: dict[str, torch.Tensor], groups: list) -> list[dict]:
+    states = []
+    for i, param_groups in enumerate(groups):
         state: dict = {}
         for name, value in tensors.items():
             prefix, pid, key = name.split(".", 2)
             if prefix == f"opt{i}":
                 state.setdefault(int(pid), {})[key] = value
-        opt.load_state_dict({"state": state, "param_groups": groups[i]})
+        states.append({"state": state, "param_groups": param_groups})
+    return states
 
 
 class Checkpoints:
@@ -79,56 +102,64 @@ class Checkpoints:
         """Every worker calls this at the same point; ``rows`` are the global cell ids of its tables."""
         rank, world = sync.rank(), sync.world_size()
         d = self._dir(epoch)
+        full = trainer.state_dict()
         shard = {}
-        for split, table in (("train", trainer.train_table), ("validation", trainer.val_table)):
-            if table is None:
+        for split in ("train", "validation"):
+            if full[split] is None:
                 continue
-            shard.update({f"{split}.rows": torch.from_numpy(np.asarray(rows[split], dtype=np.int64)),
-                          f"{split}.values": table.values, f"{split}.exp_avg": table.exp_avg,
-                          f"{split}.exp_avg_sq": table.exp_avg_sq, f"{split}.steps": table.steps})
+            shard[f"{split}.rows"] = torch.from_numpy(np.asarray(rows[split], dtype=np.int64))
+            shard.update({f"{split}.{k}": full[split][k] for k in TABLE_KEYS})
             if best is not None and best.get(split) is not None:
                 shard[f"{split}.best"] = best[split]
         self.fs.makedirs(d, exist_ok=True)
-        self.fs.pipe_file(f"{d}/shard-{rank}.safetensors", save_bytes({k: v.contiguous() for k, v in shard.items()}))
+        self.fs.pipe_file(f"{d}/shard-{rank}.safetensors", _save_bytes(shard))
         sync.barrier()
         if rank == 0:
-            dense = {f"module.{k}": v.detach().contiguous() for k, v in trainer.module.state_dict().items()}
-            opt_tensors, groups = _optimizer_tensors(trainer.optimizers)
+            dense = {f"module.{k}": v for k, v in full["module"].items()}
+            opt_tensors, groups = _optimizer_tensors(full["optimizers"])
             dense.update(opt_tensors)
             if best is not None and best.get("module") is not None:
-                dense.update({f"best.{k}": v.contiguous() for k, v in best["module"].items()})
-            self.fs.pipe_file(f"{d}/dense.safetensors", save_bytes(dense))
+                dense.update({f"best.{k}": v for k, v in best["module"].items()})
+            self.fs.pipe_file(f"{d}/dense.safetensors", _save_bytes(dense))
             self.fs.pipe_file(f"{d}/state.json", json.dumps({**state, "optimizer_groups": groups, "world_size": world,
                                                              "epoch": epoch}).encode())
-            self.fs.pipe_file(f"{d}/{MANIFEST}", json.dumps({"epoch": epoch, "world_size": world}).encode())
+            manifest = {"format": FORMAT, "version": VERSION, "epoch": epoch, "world_size": world}
+            self.fs.pipe_file(f"{d}/{MANIFEST}", json.dumps(manifest).encode())
             for old in self.complete()[:-KEEP]:
                 self.fs.rm(old, recursive=True)
         sync.barrier()
 
     def load(self, path: str, trainer, rows: dict[str, np.ndarray]) -> tuple[dict, dict | None]:
-        """Restore dense state and this worker's rows; returns (state, best-so-far snapshot or None)."""
+        """Restore the trainer's state with this worker's rows; returns (state, best-so-far snapshot or None)."""
+        manifest = json.loads(self.fs.cat_file(f"{path}/{MANIFEST}"))
+        if manifest.get("format", FORMAT) != FORMAT or manifest.get("version", VERSION) > VERSION:
+            raise ModelFileError(f"{path!r} is a checkpoint of format {manifest.get('format')!r} version "
+                                 f"{manifest.get('version')}; this atlasdgd reads {FORMAT!r} up to version {VERSION}: "
+                                 "upgrade atlasdgd or train without --resume")
         state = json.loads(self.fs.cat_file(f"{path}/state.json"))
-        dense = load_bytes(self.fs.cat_file(f"{path}/dense.safetensors"))
-        trainer.module.load_state_dict({k[7:]: v for k, v in dense.items() if k.startswith("module.")})
-        _load_optimizers(trainer.optimizers, {k: v for k, v in dense.items() if k.startswith("opt")},
-                         state["optimizer_groups"])
+        dense = _load_bytes(self.fs.cat_file(f"{path}/dense.safetensors"))
+        full = {
+            "module": {k[7:]: v for k, v in dense.items() if k.startswith("module.")},
+            "optimizers": _optimizer_states({k: v for k, v in dense.items() if k.startswith("opt")},
+                                            state["optimizer_groups"]),
+        }
         best_module = {k[5:]: v for k, v in dense.items() if k.startswith("best.")}
-        shards = [load_bytes(self.fs.cat_file(f"{path}/shard-{r}.safetensors")) for r in range(state["world_size"])]
+        shards = [_load_bytes(self.fs.cat_file(f"{path}/shard-{r}.safetensors")) for r in range(state["world_size"])]
         best = {"module": best_module or None}
         for split, table in (("train", trainer.train_table), ("validation", trainer.val_table)):
             if table is None:
+                full[split] = None
                 continue
-            merged = {key: torch.cat([s[f"{split}.{key}"] for s in shards])
-                      for key in ("rows", "values", "exp_avg", "exp_avg_sq", "steps")}
-            order = merged["rows"].numpy()
-            pos = {int(r): i for i, r in enumerate(order)}
+            merged = {key: torch.cat([s[f"{split}.{key}"] for s in shards]) for key in ("rows", *TABLE_KEYS)}
+            pos = {int(r): i for i, r in enumerate(merged["rows"].numpy())}
             mine = torch.as_tensor([pos[int(r)] for r in rows[split]], dtype=torch.long)
-            table.values = merged["values"][mine].clone()
-            table.exp_avg = merged["exp_avg"][mine].clone()
-            table.exp_avg_sq = merged["exp_avg_sq"][mine].clone()
-            table.steps = merged["steps"][mine].clone()
+            full[split] = {key: merged[key][mine] for key in TABLE_KEYS}
             if all(f"{split}.best" in s for s in shards):
-                best[split] = torch.cat([s[f"{split}.best"] for s in shards])[mine].clone()
+                best[split] = torch.cat([s[f"{split}.best"] for s in shards])[mine].to(table.device)
+        trainer.load_state_dict(full)
+        if best["module"] is not None:
+            device = trainer.train_table.device
+            best["module"] = {k: v.to(device) for k, v in best["module"].items()}
         return state, (best if best["module"] is not None else None)
 
 
@@ -138,7 +169,7 @@ def write_final_rows(model_uri: str, storage_options: dict | None, rows: np.ndar
     d = f"{root.rstrip('/')}/checkpoints/final"
     fs.makedirs(d, exist_ok=True)
     fs.pipe_file(f"{d}/rows-{sync.rank()}.safetensors",
-                 save_bytes({"rows": torch.from_numpy(np.asarray(rows, np.int64)), "values": torch.from_numpy(values)}))
+                 _save_bytes({"rows": torch.from_numpy(np.asarray(rows, np.int64)), "values": torch.from_numpy(values)}))
     sync.barrier()
 
 
@@ -147,7 +178,7 @@ def read_final_rows(model_uri: str, storage_options: dict | None, n_cells: int, 
     d = f"{root.rstrip('/')}/checkpoints/final"
     out = np.zeros((n_cells, dim), dtype=np.float32)
     for r in range(sync.world_size()):
-        part = load_bytes(fs.cat_file(f"{d}/rows-{r}.safetensors"))
+        part = _load_bytes(fs.cat_file(f"{d}/rows-{r}.safetensors"))
         out[part["rows"].numpy()] = part["values"].numpy()
     return out
 

@@ -24,11 +24,18 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def _comm_device() -> torch.device:
+    """Where tensors must live for the process group's collectives (NCCL: the worker's GPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sum of a few numbers over workers (float64)."""
     if not is_distributed():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 

@@ -1,0 +1,1 @@
+"""Where a computation runs: devices, precision and process groups (torch only)."""
