@@ -60,6 +60,8 @@ class CellData(CellTable, LoadsBatches):
     split column ``dgd_split`` (train / validation / test).
     """
 
+    resident = True  # counts held in memory: the loader reads batches straight from them
+
     obs: pd.DataFrame
     counts: dict[str, sparse.csr_matrix]
     feature_names: dict[str, pd.Index]

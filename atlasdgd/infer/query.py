@@ -36,6 +36,8 @@ class Query(LoadsBatches):
     modality ``m``). Modalities the query lacks are absent from ``counts``.
     """
 
+    resident = True  # counts held in memory: the loader reads batches straight from them
+
     obs: pd.DataFrame
     counts: dict[str, sparse.csr_matrix]
     features: dict[str, np.ndarray]
