@@ -128,3 +128,20 @@ def test_the_softball_normaliser_without_scipy_agrees_with_scipy_quad():
             expected, _ = integrate.quad(lambda u: u ** (dim - 1) * special.expit(-a * (u - 1)), 0, 1 + 60 / a,
                                          points=[1.0], limit=200, epsabs=0, epsrel=1e-12)
             assert abs(_radial_integral(dim, a) / expected - 1) < 1e-12, (dim, a)
+
+
+def test_the_gpu_check_runs_with_torch_and_numpy_alone():
+    """benchmarks/gpu_check.py must run on a bare GPU image; here its CPU half runs with every heavy
+    library (scipy too) blocked."""
+    blocker = BLOCKED_CORE.split("import numpy as np, torch")[0]
+    script = PACKAGE.parent / "benchmarks" / "gpu_check.py"
+    code = blocker + (f"import runpy\nsys.argv = [{str(script)!r}, '--cells', '600', '--genes', '40', "
+                      "'--batch-sizes', '128', '--epochs', '1']\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=PACKAGE.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["init"] == "zero" and len(summary["cpu_losses"]) == 1
+    assert summary["cells_per_s"]["128"]["cpu"] > 0

@@ -82,7 +82,14 @@ def pca_start(source, groups: np.ndarray, dim: int, radius: float, seed: int, fi
             parts.append(y if weights is None else y * weights[m])
         return sparse.hstack(parts, format="csr")
 
-    sample = {m: sparse.csr_matrix(source.read_rows(m, fit)) for m in modalities}
+    def read(m: str, rows: np.ndarray):
+        """Rows as a scipy CSR matrix, whatever CSR-like object the source returns."""
+        x = source.read_rows(m, rows)
+        if sparse.issparse(x):
+            return sparse.csr_matrix(x)
+        return sparse.csr_matrix((x.data, x.indices, x.indptr), shape=(len(x.indptr) - 1, source.n_features(m)))
+
+    sample = {m: read(m, fit) for m in modalities}
     y = normalised(sample, fit).tocsc()
     weights, start = {}, 0
     for m in modalities:
@@ -105,7 +112,7 @@ def pca_start(source, groups: np.ndarray, dim: int, radius: float, seed: int, fi
     shift = group_means @ v
     for first in range(0, n, block_cells):
         cells = np.arange(first, min(n, first + block_cells))
-        counts = {m: sparse.csr_matrix(source.read_rows(m, cells)) for m in modalities}
+        counts = {m: read(m, cells) for m in modalities}
         z[cells, :k] = normalised(counts, cells, weights) @ v - shift[codes[cells]]
     return scale_to_radius(z, pool, radius)
 
