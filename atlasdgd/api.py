@@ -21,7 +21,7 @@ from atlasdgd.artifact import ModelFiles, Vocabulary, read_model, write_model
 from atlasdgd.errors import AtlasDGDError
 from atlasdgd.infer.library import LibraryModel
 from atlasdgd.infer.mapping import MappingOptions, map_cells
-from atlasdgd.infer.new_classes import learn_new_classes
+from atlasdgd.infer.new_classes import learn_query_classes
 from atlasdgd.infer.outputs import (EMBEDDING_KEY, append_cells, component_labels, mapped_cells_table,
                                     predicted_modalities,
                                     training_cells_table)
@@ -218,15 +218,9 @@ class DGD:
         return table
 
     def _learn_new_classes(self, aligned: Query, options: MappingOptions, progress: bool) -> None:
-        values = {k: np.array([None if pd.isna(v) else str(v) for v in aligned.obs[k]], dtype=object)
-                  for k in aligned.unseen_classes}
         weight = 1.0 if self.train_config.hyperprior == "cell" else 1.0 / max(1, self.cells.n_obs)
-        self.module, _ = learn_new_classes(self.module, aligned, aligned.unseen_classes, values, options,
-                                           hyperprior_weight=weight, progress=progress)  # stays on the device
+        self.module = learn_query_classes(self.module, self.vocab.covariates, aligned, options, weight, progress)
         self.model_config = self.module.config
-        for key, names in aligned.unseen_classes.items():
-            self.vocab.covariates[key] = list(self.vocab.covariates[key]) + list(names)
-        aligned.unseen_classes = {}
 
     def predict(self, query, *, epochs: int = 20, two_step: int = 0, memory_budget: int | None = None,
                 layer=None, modality: str | None = None, modality_key: str | None = None,
@@ -257,27 +251,13 @@ class DGD:
         distance_to_tss when the query's var gives gene TSS (``chrom``, ``tss``) and feature
         coordinates (``chrom``/``start``/``end`` or names like ``chr1:100-600``).
         """
-        from atlasdgd.infer.perturb import add_tss_distance, perturb_genes
+        from atlasdgd.infer.perturb import perturb_query
 
         self._require_trained()
-        if isinstance(genes, str):
-            genes = [genes]
-        if group_by is not None and group_by not in query.obs.columns:
-            raise AtlasDGDError(f"group-by key {group_by!r} is not a column of the query's obs "
-                                f"(columns: {list(query.obs.columns)[:20]})")
-        gene_modality = modality or next((m for m, f in self.vocab.features.items() if genes and genes[0] in f),
-                                         next(iter(self.vocab.features)))
-        aligned = self.align(query, layer=layer, modality=gene_modality, modality_key=modality_key,
-                             min_overlap=min_overlap)
-        mapping = map_cells(self.module, aligned, self.mapping_options(epochs=epochs), progress=progress)
-        groups = None if group_by is None else aligned.obs[group_by].astype(str).to_numpy()
-        table = perturb_genes(self.module, aligned, mapping.values, list(genes), self.vocab.features, groups,
-                              modality=gene_modality, steps=steps, lr=lr or self.train_config.lr_representation,
-                              betas=self.train_config.betas)
-        feature_var = _query_vars(query, gene_modality)
-        if gene_modality in feature_var:
-            table = add_tss_distance(table, feature_var[gene_modality], feature_var)
-        return table
+        return perturb_query(self.module, self.vocab.features, query, genes, self.mapping_options(epochs=epochs),
+                             group_by=group_by, steps=steps, lr=lr or self.train_config.lr_representation,
+                             modality=modality, layer=layer, modality_key=modality_key, min_overlap=min_overlap,
+                             covariates=self.vocab.covariates, progress=progress)
 
     def sample(self, n: int, component: int | str | None = None, covariates: dict[str, str] | None = None,
                library: dict[str, float] | None = None, seed: int = 0) -> dict[str, ad.AnnData]:
@@ -314,10 +294,3 @@ class DGD:
         model.vocab, model.cells, model.history = files.vocab, files.cells, files.history
         model.library_model = files.library_model
         return model
-
-
-def _query_vars(query, modality: str) -> dict[str, pd.DataFrame]:
-    """Feature annotations (var) per modality of a query AnnData/MuData."""
-    if hasattr(query, "mod"):
-        return {m: a.var for m, a in query.mod.items()}
-    return {modality: query.var}

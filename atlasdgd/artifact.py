@@ -27,8 +27,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from atlasdgd.atomic import atomic_directory
 from atlasdgd.errors import ModelFileError
+from atlasdgd.io.atomic import atomic_directory
+from atlasdgd.io.manifest import ManifestKind
+from atlasdgd.io.manifest import read_manifest as read_versioned
+from atlasdgd.io.uri import filesystem, is_remote
 from atlasdgd.infer.library import LibraryModel
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import DGDModule
@@ -64,20 +67,14 @@ class ModelFiles:
     library_model: LibraryModel | None = None
 
 
-def _is_remote(path) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
 def write_model(path: str | Path, files: ModelFiles, overwrite: bool = False, plot: bool = True,
                 storage_options: dict | None = None):
     """Write a model directory; ``path`` may be a remote fsspec URI (s3://...): the model is written
     locally, then uploaded with its manifest last, so an interrupted upload is never complete."""
-    if _is_remote(path):
+    if is_remote(path):
         import tempfile
 
-        from atlasdgd.store.format import filesystem
-
-        fs, root = filesystem(str(path), storage_options)
+        fs, root = filesystem(str(path), storage_options, error=ModelFileError)
         if fs.exists(f"{root}/{MANIFEST}") and not overwrite:
             raise ModelFileError(f"{str(path)!r} already holds a model: choose another URI or pass overwrite (--overwrite)")
         with tempfile.TemporaryDirectory() as tmp:
@@ -122,36 +119,25 @@ def _write_local(path: str | Path, files: ModelFiles, overwrite: bool, plot: boo
     return Path(path)
 
 
+MODEL_MANIFEST = ManifestKind(MANIFEST, FORMAT, FORMAT_VERSION, "atlasdgd model", ModelFileError,
+                              incomplete="was training interrupted? Train again, or --resume from its checkpoints",
+                              outdated="use the atlasdgd version that wrote it")
+
+
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise ModelFileError(f"no model directory at {str(path)!r}: pass the --out folder of 'atlasdgd train'")
-    mf = path / MANIFEST
-    if not mf.exists():
-        raise ModelFileError(f"{str(path)!r} has no {MANIFEST}: it is not a complete atlasdgd model (was training interrupted?)")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{str(mf)!r} is not valid JSON ({e}): the model directory is damaged") from e
-    if manifest.get("format") != FORMAT:
-        raise ModelFileError(f"{str(path)!r} is not an atlasdgd model (format {manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(
-            f"{str(path)!r} has model format version {manifest.get('format_version')}, this atlasdgd reads "
-            f"version {FORMAT_VERSION}: use the atlasdgd version that wrote it ({manifest.get('atlasdgd_version')})"
-        )
-    return manifest
+    fs, root = filesystem(str(path), error=ModelFileError)
+    return read_versioned(fs, root, MODEL_MANIFEST, where=str(path))
 
 
 def read_model(path: str | Path, storage_options: dict | None = None) -> ModelFiles:
-    if _is_remote(path):  # download, then read like a local directory
+    if is_remote(path):  # download, then read like a local directory
         import tempfile
 
-        from atlasdgd.store.format import filesystem
-
-        fs, root = filesystem(str(path), storage_options)
-        if not fs.exists(f"{root}/{MANIFEST}"):
-            raise ModelFileError(f"{str(path)!r} has no {MANIFEST}: it is not a complete atlasdgd model")
+        fs, root = filesystem(str(path), storage_options, error=ModelFileError)
+        read_versioned(fs, root, MODEL_MANIFEST, where=str(path))  # complete and readable before downloading
         with tempfile.TemporaryDirectory() as tmp:
             fs.get(root.rstrip("/") + "/", f"{tmp}/model/", recursive=True)
             files = read_model(Path(tmp) / "model")

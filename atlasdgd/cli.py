@@ -252,7 +252,7 @@ def cmd_ingest(args) -> None:
 
 def _check_train_target(args) -> None:
     """--out must be new, or hold checkpoints to --resume from, or be replaced with --overwrite."""
-    from atlasdgd.atomic import check_writable_target
+    from atlasdgd.io.atomic import check_writable_target
 
     if "://" in args.out:  # remote model URI: checkpoints there decide, see atlasdgd.train.checkpoint
         return
@@ -312,7 +312,7 @@ def cmd_embed(args) -> None:
     import anndata as ad
 
     from atlasdgd import DGD
-    from atlasdgd.atomic import atomic_file, check_writable_target
+    from atlasdgd.io.atomic import atomic_file, check_writable_target
 
     check_writable_target(args.out, args.overwrite)
     cells = DGD.load(args.model, device=args.device).embed()
@@ -322,7 +322,7 @@ def cmd_embed(args) -> None:
 
 
 def _check_outputs(args, *paths, suffixes: tuple[str, ...]) -> None:
-    from atlasdgd.atomic import check_writable_target
+    from atlasdgd.io.atomic import check_writable_target
 
     for path in paths:
         if path is None:
@@ -359,7 +359,7 @@ def _mapping_kwargs(args) -> dict:
 
 
 def _write_h5ad(adata, path: str, overwrite: bool) -> None:
-    from atlasdgd.atomic import atomic_file
+    from atlasdgd.io.atomic import atomic_file
 
     with atomic_file(path, overwrite) as tmp:
         adata.write_h5ad(tmp)
@@ -369,7 +369,7 @@ def _write_modalities(mods: dict, path: str, overwrite: bool) -> None:
     """One AnnData per modality: .h5mu as MuData, .h5ad as one AnnData (features concatenated)."""
     import anndata as ad
 
-    from atlasdgd.atomic import atomic_file
+    from atlasdgd.io.atomic import atomic_file
 
     with atomic_file(path, overwrite) as tmp:
         if str(path).endswith(".h5mu"):
@@ -391,7 +391,7 @@ def _write_modalities(mods: dict, path: str, overwrite: bool) -> None:
 
 
 def cmd_map(args) -> None:
-    from atlasdgd.atomic import check_writable_target
+    from atlasdgd.io.atomic import check_writable_target
 
     _check_outputs(args, args.out, suffixes=(".h5ad",))
     if args.save_model:
@@ -420,7 +420,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_perturb(args) -> None:
-    from atlasdgd.atomic import atomic_file
+    from atlasdgd.io.atomic import atomic_file
 
     _check_outputs(args, args.out, suffixes=(".csv", ".tsv", ".parquet"))
     if args.steps < 1:
@@ -469,7 +469,7 @@ def cmd_sample(args) -> None:
 def cmd_evaluate(args) -> None:
     import json
 
-    from atlasdgd.atomic import atomic_file
+    from atlasdgd.io.atomic import atomic_file
     from atlasdgd.evaluate.report import evaluate
 
     _check_outputs(args, args.out, suffixes=(".json",))

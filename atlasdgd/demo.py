@@ -30,7 +30,7 @@ def run_demo(out: str | Path, n_cells: int = 4000, max_epochs: int = 200, seed: 
     from sklearn.metrics import adjusted_rand_score
 
     from atlasdgd import DGD
-    from atlasdgd.atomic import atomic_directory
+    from atlasdgd.io.atomic import atomic_directory
     from atlasdgd.data.adapters import read_input
     from atlasdgd.evaluate.metrics import batch_mixing
     from atlasdgd.plotting import plot_embedding

@@ -224,7 +224,7 @@ def write_simulation(cfg: SimulationConfig, path: str, overwrite: bool = False, 
     from anndata.io import sparse_dataset, write_elem
     from tqdm.auto import tqdm
 
-    from atlasdgd.atomic import atomic_file
+    from atlasdgd.io.atomic import atomic_file
 
     multi = len(cfg.modalities) > 1
     if multi and not str(path).endswith(".h5mu"):

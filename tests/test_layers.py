@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "atlasdgd"
 # lowest first; a module may import only from layers strictly below its own (or from itself)
 LAYERS = [
     {"errors"},
-    {"atomic", "runtime", "model", "optim"},
+    {"io", "runtime", "model", "optim"},
     {"data"},
     {"store"},
     {"infer"},
@@ -78,6 +78,7 @@ import atlasdgd
 import atlasdgd.model.module, atlasdgd.optim.row_adam, atlasdgd.runtime.device, atlasdgd.runtime.sync
 import atlasdgd.train, atlasdgd.train.trainer, atlasdgd.train.run, atlasdgd.train.checkpoint, atlasdgd.train.init
 import atlasdgd.data.loader, atlasdgd.data.plan, atlasdgd.data.source, atlasdgd.infer.mapping
+import atlasdgd.io.uri, atlasdgd.io.manifest, atlasdgd.io.atomic
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import DGDModule
 from atlasdgd.train.config import TrainConfig

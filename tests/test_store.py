@@ -347,3 +347,29 @@ def test_in_memory_and_store_training_of_the_same_cells_give_the_same_start_and_
     for k, v in results[0][0].items():
         torch.testing.assert_close(v, results[1][0][k], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_dgd_opens_files_stores_and_soma_alike_and_layer_reaches_soma(h5mu, tmp_path):
+    import atlasdgd
+    from atlasdgd.errors import InputError
+
+    from_path = atlasdgd.DGD(str(h5mu), label_key="cell_type", covariate_keys=["batch"], seed=0)
+    from_object = atlasdgd.DGD(read_input(h5mu), label_key="cell_type", covariate_keys=["batch"], seed=0)
+    assert from_path.model_config.to_dict() == from_object.model_config.to_dict()
+    assert from_path.vocab.to_dict() == from_object.vocab.to_dict()
+    with pytest.raises(InputError, match="does not exist"):
+        atlasdgd.DGD(str(tmp_path / "missing.h5ad"))
+    zarr_uri = tmp_path / "a.zarr"
+    ingest(str(h5mu), str(zarr_uri), label_key="cell_type", covariate_keys=["batch"], progress=False)
+    with pytest.raises(InputError, match="layers apply to"):
+        atlasdgd.DGD(str(zarr_uri), layer="counts")
+    soma_uri = f"soma://{tmp_path / 'a.soma'}"
+    assert main(["ingest", str(h5mu), soma_uri, "--label-key", "cell_type", "--covariate-key", "batch", "--quiet"]) == 0
+    with pytest.raises(StoreError, match="no X layer 'raw'"):
+        atlasdgd.DGD(soma_uri, layer="raw")
+    model = atlasdgd.DGD(soma_uri, layer="counts", seed=0)
+    assert model.data.store.layer == "counts" and model.model_config.covariates == {"batch": 3}
+    assert main(["train", soma_uri, "--layer", "raw", "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    assert not (tmp_path / "m").exists()
+    assert main(["train", soma_uri, "--layer", "counts", "--out", str(tmp_path / "m"), "--epochs", "1",
+                 "--min-epochs", "1", "--quiet"]) == 0

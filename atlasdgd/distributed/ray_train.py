@@ -49,7 +49,7 @@ def _worker(config: dict) -> None:
 def _attempt_marker(config: dict, read: bool) -> bool:
     """A file in the model URI that says a previous attempt of this run already started."""
     from atlasdgd.runtime import sync
-    from atlasdgd.store.format import filesystem
+    from atlasdgd.io.uri import filesystem
 
     fs, root = filesystem(config["out"], config["storage_options"])
     path = f"{root.rstrip('/')}/checkpoints/.run-{config['run_id']}"
@@ -109,7 +109,7 @@ def train_on_ray(store: str, out: str, *, workers: int, address: str | None = No
 
     shutil.rmtree(storage, ignore_errors=True)
     from atlasdgd.artifact import HISTORY
-    from atlasdgd.store.format import filesystem
+    from atlasdgd.io.uri import filesystem
 
     fs, root = filesystem(config["out"], storage_options)
     with fs.open(f"{root.rstrip('/')}/{HISTORY}") as f:

@@ -135,3 +135,19 @@ def learn_new_classes(
         p.requires_grad_(True)
     extended.eval()
     return extended, codes
+
+
+def learn_query_classes(module: DGDModule, covariates: dict[str, list[str]], aligned, options: MappingOptions,
+                        hyperprior_weight: float = 1.0, progress: bool = False) -> DGDModule:
+    """Learn one component per class of ``aligned.unseen_classes``; returns the extended module and
+    appends the new class names to ``covariates`` (the model's vocabulary), in place."""
+    import pandas as pd
+
+    values = {k: np.array([None if pd.isna(v) else str(v) for v in aligned.obs[k]], dtype=object)
+              for k in aligned.unseen_classes}
+    extended, _ = learn_new_classes(module, aligned, aligned.unseen_classes, values, options,
+                                    hyperprior_weight=hyperprior_weight, progress=progress)
+    for key, names in aligned.unseen_classes.items():
+        covariates[key] = list(covariates[key]) + list(names)
+    aligned.unseen_classes = {}
+    return extended

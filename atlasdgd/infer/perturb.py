@@ -143,3 +143,29 @@ def add_tss_distance(table: pd.DataFrame, gene_var: pd.DataFrame, feature_var: d
             dist = np.where(same, feats["position"].to_numpy() - float(gene_var.at[g, tss_key]), np.nan)
             table.loc[sel, "distance_to_tss"] = dist
     return table
+
+
+def perturb_query(module: DGDModule, features: dict[str, list[str]], query, genes, options, *,
+                  group_by: str | None = None, steps: int = 1, lr: float = 1e-2, modality: str | None = None,
+                  layer=None, modality_key: str | None = None, min_overlap: float = 0.5,
+                  covariates: dict[str, list[str]] | None = None, progress: bool = False) -> pd.DataFrame:
+    """Map a query AnnData/MuData, knock down each gene (:func:`perturb_genes`), and add
+    distance_to_tss when the query's var has coordinates (see :meth:`atlasdgd.DGD.perturb`)."""
+    from atlasdgd.infer.mapping import map_cells
+    from atlasdgd.infer.query import align_query
+
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    if group_by is not None and group_by not in query.obs.columns:
+        raise InputError(f"group-by key {group_by!r} is not a column of the query's obs "
+                         f"(columns: {list(query.obs.columns)[:20]})")
+    gene_modality = modality or next((m for m, f in features.items() if genes and genes[0] in f), next(iter(features)))
+    aligned = align_query(query, features, covariates or {}, layer=layer, modality=gene_modality,
+                          modality_key=modality_key, min_overlap=min_overlap)
+    mapping = map_cells(module, aligned, options, progress=progress)
+    groups = None if group_by is None else aligned.obs[group_by].astype(str).to_numpy()
+    table = perturb_genes(module, aligned, mapping.values, genes, features, groups, modality=gene_modality,
+                          steps=steps, lr=lr, betas=options.betas)
+    feature_var = {m: a.var for m, a in query.mod.items()} if hasattr(query, "mod") else {gene_modality: query.var}
+    if gene_modality in feature_var:
+        table = add_tss_distance(table, feature_var[gene_modality], feature_var)
+    return table

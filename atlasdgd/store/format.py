@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-import fsspec
-
 from atlasdgd.errors import AtlasDGDError
+from atlasdgd.io.manifest import ManifestKind
+from atlasdgd.io.manifest import read_manifest as read_versioned
+from atlasdgd.io.uri import filesystem as _filesystem
 
 FORMAT = "atlasdgd-store"
 FORMAT_VERSION = 1
@@ -33,6 +34,12 @@ MANIFEST = "atlasdgd-store.json"
 
 class StoreError(AtlasDGDError):
     """A store is missing, incomplete, of another format or version, or inconsistent."""
+
+
+STORE_MANIFEST = ManifestKind(MANIFEST, FORMAT, FORMAT_VERSION, "atlas store", StoreError,
+                              incomplete="an interrupted ingest? Ingest again with --overwrite",
+                              outdated="re-ingest it, or use the atlasdgd version that wrote it",
+                              family="atlasdgd store")
 
 
 @dataclass
@@ -56,11 +63,8 @@ class StoreManifest:
 
 
 def filesystem(uri: str, storage_options: dict | None = None):
-    """``(fs, path)`` for a URI; plain paths are local files."""
-    try:
-        return fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
-    except (ImportError, ValueError) as e:
-        raise StoreError(f"cannot open {uri!r}: {e} (install the fsspec backend for this protocol, e.g. s3fs for s3://)") from e
+    """``(fs, path)`` for a URI (see :func:`atlasdgd.io.uri.filesystem`); errors as StoreError."""
+    return _filesystem(uri, storage_options, error=StoreError)
 
 
 def zarr_store(uri: str, storage_options: dict | None = None, read_only: bool = False):
@@ -81,22 +85,7 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> StoreManifes
         raise StoreError(f"cannot read {uri!r}: {e}") from e
     if not exists:
         raise StoreError(f"no atlas store at {uri!r}: create one with 'atlasdgd ingest INPUT {uri}'")
-    manifest_path = f"{path.rstrip('/')}/{MANIFEST}"
-    if not fs.exists(manifest_path):
-        raise StoreError(
-            f"{uri!r} has no {MANIFEST}: it is not a complete atlas store (an interrupted ingest?); ingest again with --overwrite"
-        )
-    try:
-        raw = json.loads(fs.cat_file(manifest_path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{uri}/{MANIFEST} is not valid JSON ({e}): the store is damaged") from e
-    if raw.get("format") != FORMAT:
-        raise StoreError(f"{uri!r} is not an atlasdgd store (format {raw.get('format')!r})")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise StoreError(
-            f"{uri!r} has store format version {raw.get('format_version')}; this atlasdgd reads version {FORMAT_VERSION}: "
-            f"re-ingest it, or use the atlasdgd version that wrote it ({raw.get('atlasdgd_version')})"
-        )
+    raw = read_versioned(fs, path, STORE_MANIFEST, where=uri)
     known = set(StoreManifest.__dataclass_fields__)
     return StoreManifest(**{k: v for k, v in raw.items() if k in known})
 

@@ -25,18 +25,21 @@ import numpy as np
 import torch
 
 from atlasdgd.errors import ModelFileError
+from atlasdgd.io.manifest import ManifestKind, read_manifest
+from atlasdgd.io.uri import filesystem as _filesystem
 from atlasdgd.runtime import sync
 
 MANIFEST = "checkpoint.json"
 FORMAT, VERSION = "atlasdgd-checkpoint", 1
+CHECKPOINT_MANIFEST = ManifestKind(MANIFEST, FORMAT, VERSION, "atlasdgd checkpoint", ModelFileError,
+                                   incomplete="a job killed while writing it; it is never resumed from",
+                                   outdated="upgrade atlasdgd, or train afresh without --resume")
 KEEP = 2  # complete checkpoints kept
 TABLE_KEYS = ("values", "exp_avg", "exp_avg_sq", "steps")
 
 
 def filesystem(uri: str, storage_options: dict | None):
-    from atlasdgd.store.format import filesystem as fs_of  # fsspec only when checkpoints are used
-
-    return fs_of(uri, storage_options)
+    return _filesystem(uri, storage_options, error=ModelFileError)
 
 
 def _save_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -123,7 +126,10 @@ class Checkpoints:
             self.fs.pipe_file(f"{d}/dense.safetensors", _save_bytes(dense))
             self.fs.pipe_file(f"{d}/state.json", json.dumps({**state, "optimizer_groups": groups, "world_size": world,
                                                              "epoch": epoch}).encode())
-            manifest = {"format": FORMAT, "version": VERSION, "epoch": epoch, "world_size": world}
+            from atlasdgd import __version__
+
+            manifest = {"format": FORMAT, "format_version": VERSION, "atlasdgd_version": __version__, "epoch": epoch,
+                        "world_size": world}
             self.fs.pipe_file(f"{d}/{MANIFEST}", json.dumps(manifest).encode())
             for old in self.complete()[:-KEEP]:
                 self.fs.rm(old, recursive=True)
@@ -131,11 +137,7 @@ class Checkpoints:
 
     def load(self, path: str, trainer, rows: dict[str, np.ndarray]) -> tuple[dict, dict | None]:
         """Restore the trainer's state with this worker's rows; returns (state, best-so-far snapshot or None)."""
-        manifest = json.loads(self.fs.cat_file(f"{path}/{MANIFEST}"))
-        if manifest.get("format", FORMAT) != FORMAT or manifest.get("version", VERSION) > VERSION:
-            raise ModelFileError(f"{path!r} is a checkpoint of format {manifest.get('format')!r} version "
-                                 f"{manifest.get('version')}; this atlasdgd reads {FORMAT!r} up to version {VERSION}: "
-                                 "upgrade atlasdgd or train without --resume")
+        read_manifest(self.fs, path, CHECKPOINT_MANIFEST)
         state = json.loads(self.fs.cat_file(f"{path}/state.json"))
         dense = _load_bytes(self.fs.cat_file(f"{path}/dense.safetensors"))
         full = {

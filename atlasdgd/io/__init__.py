@@ -1,0 +1,1 @@
+"""Bottom-layer I/O: URIs and fsspec file systems, atomic writes, versioned manifests."""
