@@ -22,8 +22,8 @@ from atlasdgd.errors import AtlasDGDError
 from atlasdgd.infer.library import LibraryModel
 from atlasdgd.infer.mapping import MappingOptions, map_cells
 from atlasdgd.infer.new_classes import learn_query_classes
-from atlasdgd.infer.outputs import (EMBEDDING_KEY, append_cells, component_labels, mapped_cells_table,
-                                    predicted_modalities,
+from atlasdgd.infer.outputs import (EMBEDDING_KEY, append_cells, component_labels, fit_label_transfer,
+                                    label_transfer, mapped_cells_table, predicted_modalities,
                                     training_cells_table)
 from atlasdgd.infer.query import DEFAULT_MIN_OVERLAP, Query, align_query
 from atlasdgd.model.config import ModelConfig
@@ -128,6 +128,7 @@ class DGD:
         self.library_model = result.library_model
         self.cells = training_cells_table(self.module, self.data.obs, result.values)
         self.vocab.component_labels = component_labels(self.cells, self.vocab.label_key, self.model_config.n_components)
+        self.vocab.label_transfer = fit_label_transfer(self.module, self.vocab, self.cells, cfg.seed)
         return self.history
 
     def to(self, device: str | torch.device) -> "DGD":
@@ -191,6 +192,7 @@ class DGD:
         modality: str | None = None,
         modality_key: str | None = None,
         min_overlap: float = DEFAULT_MIN_OVERLAP,
+        unknown_below: float = 0.0,
         progress: bool = True,
     ) -> ad.AnnData:
         """Representations, clusters and (with a labelled model) transferred labels for new cells.
@@ -199,7 +201,9 @@ class DGD:
         query's obs has them; other cells are searched over all classes ("naive" mapping). With
         ``new_covariate_classes`` every unseen class of every covariate gets its own new component
         (the model then knows those classes: save it to keep them). ``add_to_atlas`` appends the
-        mapped cells to the model's cell table (split ``mapped``).
+        mapped cells to the model's cell table (split ``mapped``). Labels come with calibrated
+        probabilities (``obsm['dgd_label_probabilities']``, :mod:`atlasdgd.infer.labels`); cells whose
+        confidence is below ``unknown_below`` are labelled "unknown".
         """
         self._require_trained()
         aligned = self.align(query, layer=layer, modality=modality, modality_key=modality_key, min_overlap=min_overlap)
@@ -212,7 +216,8 @@ class DGD:
         if new_covariate_classes and aligned.unseen_classes:
             self._learn_new_classes(aligned, options, progress)
         mapping = map_cells(self.module, aligned, options, progress=progress)
-        table = mapped_cells_table(self.module, self.vocab, aligned.obs, mapping)
+        labeller = label_transfer(self.module, self.vocab, self.cells, self.train_config.seed)
+        table = mapped_cells_table(self.module, self.vocab, aligned.obs, mapping, labeller, unknown_below)
         if add_to_atlas:
             self.cells = append_cells(self.cells, table, self.vocab, self.model_config.n_components)
         return table
@@ -238,7 +243,8 @@ class DGD:
         aligned = self.align(query, layer=layer, modality=modality, modality_key=modality_key, min_overlap=min_overlap)
         options = self.mapping_options(epochs=epochs, two_step=two_step, memory_budget=memory_budget)
         mapping = map_cells(self.module, aligned, options, progress=progress)
-        table = mapped_cells_table(self.module, self.vocab, aligned.obs, mapping)
+        labeller = label_transfer(self.module, self.vocab, self.cells, self.train_config.seed)
+        table = mapped_cells_table(self.module, self.vocab, aligned.obs, mapping, labeller)
         return predicted_modalities(self.module, self.vocab, self.library_model, aligned, mapping.values, table)
 
     def perturb(self, query, genes: list[str], *, group_by: str | None = None, steps: int = 1,

@@ -51,6 +51,7 @@ class Vocabulary:
     labels: list[str] = field(default_factory=list)
     covariates: dict[str, list[str]] = field(default_factory=dict)
     component_labels: list[str | None] = field(default_factory=list)
+    label_transfer: dict = field(default_factory=dict)  # fitted LabelTransfer settings (infer/labels.py)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

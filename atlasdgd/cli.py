@@ -91,7 +91,7 @@ def _add_train(sub) -> None:
     p.add_argument("--hyperprior", choices=["dataset", "cell"], default=None, help="how often log p(phi) counts")
     p.add_argument("--init", choices=["pca", "zero"], default=None, help="initial representations")
     p.add_argument("--gmm-init", choices=["auto", "labels", "kmeans", "leiden"], default=None,
-                   help="mixture start (auto: label classes when --label-key is given, else k-means)")
+                   help="mixture start (auto: label classes when --label-key is given, else Leiden)")
     p.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
                    help="write a checkpoint into OUT/checkpoints every N epochs (default 1; 0: none)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
@@ -284,12 +284,15 @@ def cmd_train(args) -> None:
     if args.workers > 1:
         if not is_store_uri(args.data):
             raise AtlasDGDError("--workers > 1 trains from an atlas store: run 'atlasdgd ingest' first")
+        if args.gpus and args.device == "cpu":
+            raise AtlasDGDError("--gpus and --device cpu contradict each other: drop one")
         from atlasdgd.distributed.ray_train import train_on_ray
 
         history = train_on_ray(args.data, args.out, workers=args.workers, address=args.address,
                                storage_options=_storage_options(args), model_options=model_options,
                                train_options=options, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                               threads=args.threads, overwrite=args.overwrite, use_gpu=args.gpus,
+                               threads=args.threads, overwrite=args.overwrite,
+                               use_gpu=args.gpus or args.device.startswith("cuda"),
                                progress=not args.quiet)
     else:
         from atlasdgd import DGD
@@ -496,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                "predict": cmd_predict, "perturb": cmd_perturb, "sample": cmd_sample, "evaluate": cmd_evaluate,
                "demo": cmd_demo}[args.command]
     try:
-        if getattr(args, "device", None) is not None:
+        ray_run = args.command == "train" and args.workers > 1  # the workers' devices are Ray's (--gpus)
+        if getattr(args, "device", None) is not None and not ray_run:
             from atlasdgd.runtime.device import resolve_device
 
             resolve_device(args.device)  # a missing GPU fails before any work or output

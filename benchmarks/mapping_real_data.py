@@ -39,6 +39,52 @@ def emit(record: dict, sink: list) -> None:
     print(json.dumps(record), flush=True)
 
 
+def label_views(model, query, mapped, truth) -> dict:
+    """Label transfer of the mapped cells: the calibrated default, the mixture posterior alone, the
+    neighbour votes alone, and PCA fitted on the reference + 15 nearest neighbours (the baseline)."""
+    import torch
+
+    from atlasdgd.evaluate.metrics import confidence_report
+    from atlasdgd.infer.outputs import label_transfer
+
+    out = {"calibrated": confidence_report(mapped.obs["dgd_label"].to_numpy(), truth,
+                                           mapped.obs["dgd_label_confidence"].to_numpy()),
+           "settings": {k: v for k, v in model.vocab.label_transfer.items() if k != "fit"}}
+    labeller = label_transfer(model.module, model.vocab, model.cells)
+    basal = mapped.obsm["X_dgd"]
+    with torch.no_grad():
+        posterior = model.module.basal.posterior(torch.as_tensor(basal)).numpy()
+    for name, w in (("posterior_only", 0.0), ("neighbours_only", 1.0)):
+        labeller.weight, labeller.temperature = w, 1.0
+        labels, conf, _ = labeller.predict(basal, posterior)
+        out[name] = confidence_report(labels, truth, conf)
+    return out
+
+
+def pca_knn_baseline(reference, query, label_key: str, seed: int = 0) -> dict:
+    """PCA (50) fitted on the reference's log-normalised counts, query projected, 15-NN labels."""
+    import numpy as np
+    from scipy import sparse
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from atlasdgd.evaluate.metrics import confidence_report
+
+    def lognorm(x, target):
+        lib = np.asarray(x.sum(axis=1)).ravel()
+        y = sparse.csr_matrix(sparse.diags(target / np.maximum(lib, 1)) @ x)
+        y.data = np.log1p(y.data)
+        return y.toarray()
+
+    target = float(np.median(np.asarray(reference.X.sum(axis=1)).ravel()))
+    pca = PCA(50, random_state=seed).fit(lognorm(reference.X, target))
+    knn = KNeighborsClassifier(15).fit(pca.transform(lognorm(reference.X, target)),
+                                       reference.obs[label_key].astype(str).to_numpy())
+    proba = knn.predict_proba(pca.transform(lognorm(query.X, target)))
+    labels = knn.classes_[proba.argmax(1)]
+    return confidence_report(labels, query.obs[label_key].astype(str).to_numpy(), proba.max(1))
+
+
 def kang(args, sink: list) -> None:
     data = read_input(require(KANG))
     t0 = time.perf_counter()
@@ -72,6 +118,9 @@ def kang(args, sink: list) -> None:
             "label_accuracy_new_class": float((new.obs["dgd_label"].astype(str).to_numpy() == truth).mean()),
             "label_accuracy_seen_model": float((seen.obs["dgd_label"].astype(str).to_numpy() == truth).mean()),
             "map_seconds_naive": round(naive_s, 1), "map_seconds_new_class": round(new_s, 1),
+            "epochs": int(len(model.history)), "labels_naive": label_views(model, query, naive, truth),
+            "labels_new_class": label_views(model, query, new, truth),
+            "pca_15nn": pca_knn_baseline(data[~held], query, "cell_type"),
         }, sink)
 
 

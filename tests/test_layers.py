@@ -17,8 +17,8 @@ LAYERS = [
     {"train"},
     {"evaluate", "plotting", "simulate"},
     {"artifact"},
-    {"distributed"},
     {"api"},
+    {"distributed"},
     {"demo"},
     {"cli"},
 ]
@@ -31,14 +31,37 @@ def _unit(path: Path) -> str:
     return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
 
 
+def _exports() -> dict[str, str]:
+    """Names the package root hands out lazily (``atlasdgd.DGD``) -> the unit that defines them."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign | ast.Assign) and "_EXPORTS" in ast.unparse(node).split("=")[0]:
+            return {k: v.split(".")[1] for k, v in ast.literal_eval(node.value).items()}
+    return {}
+
+
 def _imports(path: Path):
-    """(imported atlasdgd unit, line) for every import in the file, at module level or inside functions."""
+    """(imported atlasdgd unit, line) for every import in the file, at module level or inside functions:
+    absolute (``atlasdgd.x``), relative (``from ..x``) and through the package root (``atlasdgd.DGD``)."""
+    exports = _exports()
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("atlasdgd."):
-            names = [node.module]
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: resolve against this file's package
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([module] if module else []))
+            if module == "atlasdgd":
+                names = [f"atlasdgd.{exports.get(a.name, a.name)}" for a in node.names if a.name != "__version__"]
+            elif module.startswith("atlasdgd."):
+                names = [module]
         elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names if a.name.startswith("atlasdgd.")]
+            for a in node.names:
+                if a.name == "atlasdgd":  # the package root: everything it exports
+                    names += [f"atlasdgd.{unit}" for unit in set(exports.values())]
+                elif a.name.startswith("atlasdgd."):
+                    names.append(a.name)
         for name in names:
             yield name.split(".")[1], node.lineno
 

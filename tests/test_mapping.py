@@ -243,3 +243,17 @@ def test_mixed_query_with_some_cells_missing_a_modality(mapped_atlas):
     assert aligned.observed["atac"].sum() == q.n_obs // 2 and aligned.observed["rna"].all()
     mapped = model.map(mixed, epochs=5, progress=False)
     assert (mapped.obs["dgd_label"].astype(str) == q.obs["cell_type"].astype(str).to_numpy()).mean() >= 0.9
+
+
+def test_mapping_rows_in_any_order_returns_them_in_that_order(mapped_atlas):
+    from atlasdgd.infer.mapping import MappingOptions, map_cells
+
+    model = DGD.load(mapped_atlas.model_dir)
+    aligned = model.align(mapped_atlas.heldout[:40].copy())
+    options = MappingOptions(epochs=2)
+    rows = np.array([30, 3, 17, 8, 25])
+    shuffled = map_cells(model.module, aligned, options, rows=rows)
+    ordered = map_cells(model.module, aligned, options, rows=np.sort(rows))
+    back = np.searchsorted(np.sort(rows), rows)
+    np.testing.assert_array_equal(shuffled.values, ordered.values[back])
+    np.testing.assert_array_equal(shuffled.loss, ordered.loss[back])

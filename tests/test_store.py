@@ -373,3 +373,19 @@ def test_dgd_opens_files_stores_and_soma_alike_and_layer_reaches_soma(h5mu, tmp_
     assert not (tmp_path / "m").exists()
     assert main(["train", soma_uri, "--layer", "counts", "--out", str(tmp_path / "m"), "--epochs", "1",
                  "--min-epochs", "1", "--quiet"]) == 0
+
+
+def test_a_worker_whose_shard_is_shorter_than_the_steps_gets_empty_batches(store):
+    cells = open_store(str(store))
+    rows = cells.split_rows("validation")[:3]  # 2 + 1 cells over 2 workers, batch size 1: 2 steps each
+    batches = list(cells.loader(rows, 1, seed=0, rank=1, world_size=2))
+    assert [len(b) for b in batches] == [1, 0]
+    assert batches[1].counts["rna"].shape == (0, cells.n_features("rna"))
+
+
+def test_cells_in_memory_are_shuffled_freely_each_epoch():
+    data = prepare(simulate(SimulationConfig(n_cells=3000, n_types=3, n_batches=2, n_genes=30, seed=1)))
+    loader = data.loader(np.arange(3000), 100, seed=0)
+    first = next(iter(loader)).cells.numpy()
+    # a block shuffle would draw a batch from a few 1024-cell blocks; a permutation spreads it
+    assert len(np.unique(first // 100)) > 20

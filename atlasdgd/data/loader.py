@@ -40,7 +40,10 @@ class CellLoader:
         self.source = source
         rows = np.asarray(rows, dtype=np.int64)
         self.rows = shard_rows(rows, rank, world_size)
-        chunk = chunk_cells or getattr(source, "chunk_cells", None) or DEFAULT_BLOCK_CELLS
+        # a source in memory has no read blocks: its cells are shuffled freely (chunks of one cell)
+        # unless it says otherwise; a store's chunks are its contiguous reads
+        self.resident = bool(getattr(source, "resident", False))
+        chunk = chunk_cells or getattr(source, "chunk_cells", None) or (1 if self.resident else DEFAULT_BLOCK_CELLS)
         self.plan = BlockShufflePlan(len(self.rows), batch_size, chunk, buffer_chunks, seed, rank,
                                      steps_per_epoch(len(rows), batch_size, world_size), shuffle)
         self.batch_size, self.prefetch, self.epoch = batch_size, prefetch, 0
@@ -48,8 +51,6 @@ class CellLoader:
         self.device = None if device is None else torch.device(device)
         self._pin = self.device is not None and self.device.type == "cuda"
         self.modalities = list(source.modalities)
-        # a source held in memory (CellData, Query) is read batch by batch; stores by windows in a thread
-        self.resident = bool(getattr(source, "resident", False))
         self._n_features = {m: _n_features(source, m) for m in self.modalities}
         self._library = {m: np.asarray(source.library(m), dtype=np.float32) for m in self.modalities}
         self._covariates = source.covariate_codes()
@@ -147,6 +148,9 @@ class CellLoader:
         loaded: dict[int, dict] = {}
         next_window = 0
         for positions in self.plan.batches(self.epoch, order):
+            if len(positions) == 0:  # a shard smaller than the steps every worker takes
+                yield self._finish(positions, {m: torch.zeros((0, self._n_features[m])) for m in self.modalities})
+                continue
             needed = np.unique(window_of[positions])
             while next_window <= needed.max():
                 loaded[next_window] = next(windows_in)
@@ -205,7 +209,7 @@ def _n_features(source, modality: str) -> int:
 
 
 def _contiguous(idx: np.ndarray) -> bool:
-    return len(idx) > 0 and int(idx[-1]) - int(idx[0]) + 1 == len(idx)
+    return len(idx) > 0 and int(idx[-1]) - int(idx[0]) + 1 == len(idx) and bool(np.all(np.diff(idx) == 1))
 
 
 def _fill_rows(x, rows: np.ndarray, out: np.ndarray, out_rows: np.ndarray) -> None:

@@ -71,6 +71,8 @@ class BlockShufflePlan:
         if not self.shuffle:
             return pos
         rng = np.random.default_rng([self.seed, epoch, self.rank])
+        if self.chunk_cells == 1:  # cells read one by one (in memory): a full permutation
+            return rng.permutation(self.n)
         chunks = [pos[i : i + self.chunk_cells] for i in range(0, self.n, self.chunk_cells)]
         chunks = [chunks[i] for i in rng.permutation(len(chunks))]
         out = []

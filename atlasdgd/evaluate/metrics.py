@@ -45,3 +45,29 @@ def kmeans_clusters(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
 
 
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE: the cell-weighted mean |accuracy - confidence| over equal-width confidence bins.
+
+    Written out (a few lines) because scikit-learn has calibration curves but no ECE.
+    """
+    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in np.unique(which):
+        sel = which == b
+        total += sel.sum() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(total / max(1, len(confidence)))
+
+
+def confidence_report(labels: np.ndarray, truth: np.ndarray, confidence: np.ndarray) -> dict:
+    """Accuracy, ECE, AUROC of the confidence for right vs wrong labels, mean confidence on wrong ones."""
+    from sklearn.metrics import roc_auc_score
+
+    correct = np.asarray(labels, dtype=object).astype(str) == np.asarray(truth, dtype=object).astype(str)
+    out = {"accuracy": float(correct.mean()), "ece": expected_calibration_error(confidence, correct),
+           "mean_confidence_right": float(confidence[correct].mean()) if correct.any() else None,
+           "mean_confidence_wrong": float(confidence[~correct].mean()) if (~correct).any() else None}
+    out["auroc_confidence"] = float(roc_auc_score(correct, confidence)) if 0 < correct.sum() < len(correct) else None
+    return out

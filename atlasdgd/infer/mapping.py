@@ -75,6 +75,12 @@ def map_cells(module: DGDModule, data, options: MappingOptions | None = None, ro
     opt = options or MappingOptions()
     module.eval()
     rows = np.arange(data.n_cells) if rows is None else np.asarray(rows)
+    if len(rows) > 1 and np.any(np.diff(rows) < 0):  # the loader works on sorted rows: map those, then undo
+        order = np.argsort(rows, kind="stable")
+        mapped = map_cells(module, data, opt, rows[order], progress, None if start is None else np.asarray(start)[order])
+        back = np.argsort(order)
+        return Mapping(mapped.values[back], mapped.loss[back], mapped.recon_per_feature[back],
+                       mapped.search_loss[back], mapped.curve)
     n = len(rows)
     device = module_device(module)  # search and refinement run where the module lives
 

@@ -8,22 +8,31 @@ import pandas as pd
 import torch
 
 from atlasdgd.data.cells import SPLIT_KEY
-from atlasdgd.infer.labels import transfer_labels
+from atlasdgd.infer.labels import LabelTransfer, transfer_labels
 from atlasdgd.runtime.device import on_device_of, to_numpy
 
 EMBEDDING_KEY = "X_dgd"
 CLUSTER_KEY = "dgd_cluster"
+LABEL_PROBABILITIES_KEY = "dgd_label_probabilities"
 
 
-def mapped_cells_table(module, vocab, obs: pd.DataFrame, mapping) -> ad.AnnData:
+def mapped_cells_table(module, vocab, obs: pd.DataFrame, mapping, labeller: LabelTransfer | None = None,
+                       unknown_below: float = 0.0) -> ad.AnnData:
     """The query's obs plus dgd_cluster, dgd_label(+confidence), dgd_<covariate>, dgd_nll_per_feature;
-    obsm X_dgd and X_dgd_<covariate>."""
+    obsm X_dgd, X_dgd_<covariate> and (with a ``labeller``) dgd_label_probabilities, one column per label."""
     obs = obs.copy()
     z = on_device_of(module, mapping.values)
+    label_probs = None
     with torch.no_grad():
         basal, covs = module.split_representation(z)
         obs[CLUSTER_KEY] = pd.Categorical(to_numpy(module.basal.cluster(basal)), categories=range(module.config.n_components))
-        if any(lab is not None for lab in vocab.component_labels):
+        if labeller is not None:
+            labels, confidence, probs = labeller.predict(to_numpy(basal), to_numpy(module.basal.posterior(basal)),
+                                                         unknown_below)
+            obs["dgd_label"] = pd.Categorical(labels)
+            obs["dgd_label_confidence"] = confidence
+            label_probs = pd.DataFrame(probs.astype(np.float32), index=obs.index, columns=labeller.labels)
+        elif any(lab is not None for lab in vocab.component_labels):
             labels, confidence = transfer_labels(to_numpy(module.basal.posterior(basal)), vocab.component_labels)
             obs["dgd_label"] = pd.Categorical(labels)
             obs["dgd_label_confidence"] = confidence
@@ -34,7 +43,36 @@ def mapped_cells_table(module, vocab, obs: pd.DataFrame, mapping) -> ad.AnnData:
     obs["dgd_nll_per_feature"] = mapping.recon_per_feature
     obsm = {EMBEDDING_KEY: to_numpy(basal).copy()}
     obsm.update({f"{EMBEDDING_KEY}_{k}": to_numpy(v).copy() for k, v in covs.items()})
+    if label_probs is not None:
+        obsm[LABEL_PROBABILITIES_KEY] = label_probs
     return ad.AnnData(obs=obs, obsm=obsm)
+
+
+def label_transfer(module, vocab, cells: ad.AnnData, seed: int = 0) -> LabelTransfer | None:
+    """The model's label transfer: its labelled training cells as neighbours, the fitted settings
+    from ``vocab.label_transfer`` (posterior only for models saved before calibration existed)."""
+    if not vocab.label_key or not any(lab is not None for lab in vocab.component_labels):
+        return None
+    train = (cells.obs[SPLIT_KEY] == "train").to_numpy() & cells.obs[vocab.label_key].notna().to_numpy()
+    if not train.any():
+        return None
+    params = {k: v for k, v in vocab.label_transfer.items() if k in ("weight", "temperature", "k")}
+    return LabelTransfer.from_cells(cells.obsm[EMBEDDING_KEY][train], cells.obs[vocab.label_key].to_numpy()[train],
+                                    list(vocab.labels), vocab.component_labels, seed=seed, **params)
+
+
+def fit_label_transfer(module, vocab, cells: ad.AnnData, seed: int = 0) -> dict:
+    """Fit the label transfer's weight and temperature on the validation cells; returns the settings
+    and what was measured, for ``vocab.label_transfer``."""
+    labeller = label_transfer(module, vocab, cells, seed)
+    if labeller is None:
+        return {}
+    val = (cells.obs[SPLIT_KEY] == "validation").to_numpy() & cells.obs[vocab.label_key].notna().to_numpy()
+    basal = cells.obsm[EMBEDDING_KEY][val]
+    with torch.no_grad():
+        posterior = to_numpy(module.basal.posterior(on_device_of(module, basal)))
+    report = labeller.calibrate(basal, posterior, cells.obs[vocab.label_key].to_numpy()[val])
+    return {**labeller.to_dict(), "fit": report}
 
 
 def append_cells(cells: ad.AnnData, table: ad.AnnData, vocab, n_components: int) -> ad.AnnData:

@@ -137,6 +137,9 @@ class Checkpoints:
 
     def load(self, path: str, trainer, rows: dict[str, np.ndarray]) -> tuple[dict, dict | None]:
         """Restore the trainer's state with this worker's rows; returns (state, best-so-far snapshot or None)."""
+        if "format" not in json.loads(self.fs.cat_file(f"{path}/{MANIFEST}")):
+            raise ModelFileError(f"{path!r} was written by an older atlasdgd whose checkpoints this one cannot resume: "
+                                 "train afresh without --resume (or --overwrite)")
         read_manifest(self.fs, path, CHECKPOINT_MANIFEST)
         state = json.loads(self.fs.cat_file(f"{path}/state.json"))
         dense = _load_bytes(self.fs.cat_file(f"{path}/dense.safetensors"))

@@ -25,7 +25,8 @@ class TrainConfig:
     # "dataset": once per epoch (the objective as written; variances shrink and clusters drift)
     l1: float = 0.0  # L1 penalty on decoder weights per minibatch (reference: 1.0)
     init: str = "pca"  # "pca": batch-centred PCA of log-normalised counts; "zero": the reference
-    gmm_init: str = "auto"  # mixture start (init="pca"): "labels", "kmeans", "leiden"; auto = labels if given
+    gmm_init: str = "auto"  # mixture start (init="pca"): "labels", "kmeans", "leiden"; auto = labels if given,
+    # else leiden (Kang without labels: ARI 0.974 vs 0.637 from k-means)
 
     representation_steps: int = 1  # representation Adam steps per minibatch visit
     heldout_epochs: int = 20  # refinement epochs for test-cell representations after training

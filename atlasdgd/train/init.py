@@ -64,18 +64,19 @@ def pca_start(source, groups: np.ndarray, dim: int, radius: float, seed: int, fi
 
     modalities = list(source.modalities)
     n = source.n_cells
+    libraries = {m: np.asarray(source.library(m)) for m in modalities}  # once: in memory it is a full pass
     rng = np.random.default_rng(seed)
     pool = np.flatnonzero(fit_mask)
     fit = np.sort(rng.choice(pool, size=min(len(pool), max_fit_cells), replace=False))
     targets = {}
     for m in modalities:
-        lib = source.library(m)[pool]
+        lib = libraries[m][pool]
         targets[m] = float(np.median(lib[lib > 0])) if (lib > 0).any() else 1.0
 
     def normalised(counts: dict, cells: np.ndarray, weights=None):
         parts = []
         for m in modalities:
-            lib = source.library(m)[cells].astype(np.float64)
+            lib = libraries[m][cells].astype(np.float64)
             scale = np.divide(targets[m], lib, out=np.zeros_like(lib), where=lib > 0)
             y = sparse.csr_matrix(sparse.diags(scale) @ counts[m], dtype=np.float64)
             y.data = np.log1p(y.data)

@@ -60,7 +60,8 @@ def start_mixture(module: DGDModule, z: np.ndarray, label_codes: np.ndarray | No
     k = module.config.n_components
     method = cfg.gmm_init
     if method == "auto":
-        method = "labels" if label_codes is not None and n_labels == k else "kmeans"
+        # Leiden beat k-means as the unsupervised start (Kang, K = 4: ARI 0.974 vs 0.637)
+        method = "labels" if label_codes is not None and n_labels == k else "leiden"
     means, variances, weights = mixture_start(z, k, method, label_codes, cfg.seed)
     if module.config.sigma0 is None:
         # the log-precision prior at the data's within-cluster scale, not at 0.2 R / K: with 15
@@ -138,6 +139,7 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
                           progress=progress and rank == 0, on_epoch=on_epoch, resume=resume_state,
                           after_epoch=after_epoch)
     module.eval()
+    module.autocast_dtype = None  # precision is a training setting: mapping and outputs run in fp32, as after load
     values = {s: to_numpy(tables[s].values) for s in SPLITS}
     if len(mine["test"]):  # held-out cells are mapped the way new cells are
         options = MappingOptions(lr=cfg.lr_representation, betas=cfg.betas, seed=cfg.seed, epochs=cfg.heldout_epochs)

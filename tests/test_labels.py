@@ -1,0 +1,68 @@
+"""Label transfer: neighbour votes + mixture posterior, calibrated on held-out cells."""
+
+import numpy as np
+import pytest
+
+from atlasdgd.evaluate.metrics import confidence_report, expected_calibration_error
+from atlasdgd.infer.labels import UNKNOWN_LABEL, LabelTransfer
+
+
+def test_ece_matches_a_histogram_computation():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.3, 1.0, 2000)
+    correct = rng.uniform(size=2000) < conf ** 2  # over-confident on purpose
+    counts, edges = np.histogram(conf, bins=15, range=(0, 1))
+    which = np.digitize(conf, edges[1:-1])
+    expected = sum(counts[b] * abs(correct[which == b].mean() - conf[which == b].mean())
+                   for b in range(15) if counts[b]) / len(conf)
+    assert expected_calibration_error(conf, correct) == pytest.approx(expected, rel=1e-12)
+    assert expected_calibration_error(np.full(10, 0.7), np.array([1] * 7 + [0] * 3)) == pytest.approx(0.0)
+
+
+def _cells(rng, n, spread):
+    centres = np.array([[0.0, 0.0], [3.0, 0.0], [1.5, 2.5]])
+    codes = rng.integers(0, 3, n)
+    basal = centres[codes] + rng.normal(scale=spread, size=(n, 2))
+    d2 = ((basal[:, None, :] - centres[None]) ** 2).sum(-1)
+    logits = -25.0 * d2  # a mixture posterior as sharp as a trained DGD's: 0 or 1 almost everywhere
+    post = np.exp(logits - logits.max(1, keepdims=True))
+    return basal, np.array(["a", "b", "c"])[codes], post / post.sum(1, keepdims=True)
+
+
+def test_calibrated_transfer_is_right_where_neighbours_are_and_honest_about_doubt():
+    rng = np.random.default_rng(1)
+    ref_basal, ref_labels, _ = _cells(rng, 900, 0.9)
+    transfer = LabelTransfer.from_cells(ref_basal, ref_labels, ["a", "b", "c"], ["a", "b", "c"])
+    val_basal, val_labels, val_post = _cells(rng, 600, 0.9)
+    report = transfer.calibrate(val_basal, val_post, val_labels)
+    assert report["calibrated_on"] == 600 and transfer.weight > 0  # the votes carry information the posterior lacks
+    basal, truth, post = _cells(rng, 2000, 0.9)
+    labels, conf, probs = transfer.predict(basal, post)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(labels, np.array(["a", "b", "c"])[probs.argmax(1)])
+    calibrated = confidence_report(labels, truth, conf)
+    posterior_only = confidence_report(np.array(["a", "b", "c"])[post.argmax(1)], truth, post.max(1))
+    assert calibrated["ece"] <= 0.05 < posterior_only["ece"]
+    assert calibrated["mean_confidence_wrong"] < calibrated["mean_confidence_right"]
+    assert calibrated["auroc_confidence"] > 0.75 and calibrated["accuracy"] >= posterior_only["accuracy"] - 0.01
+    unsure, conf2, _ = transfer.predict(basal, post, unknown_below=0.8)
+    assert set(unsure[conf2 < 0.8]) == {UNKNOWN_LABEL} and (unsure[conf2 >= 0.8] == labels[conf2 >= 0.8]).all()
+
+
+def test_mapped_cells_carry_label_probabilities_that_survive_save_and_load(mapped_atlas, tmp_path):
+    import atlasdgd
+
+    model = atlasdgd.DGD.load(mapped_atlas.model_dir)
+    settings = model.vocab.label_transfer
+    assert {"weight", "temperature", "k"} <= set(settings) and settings["fit"]["calibrated_on"] > 0
+    mapped = model.map(mapped_atlas.heldout[:200].copy(), epochs=3, progress=False)
+    probs = mapped.obsm["dgd_label_probabilities"]
+    assert list(probs.columns) == model.vocab.labels and (probs.index == mapped.obs_names).all()
+    np.testing.assert_allclose(probs.to_numpy().sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(mapped.obs["dgd_label"].astype(str), probs.columns[probs.to_numpy().argmax(1)])
+    np.testing.assert_allclose(mapped.obs["dgd_label_confidence"], probs.to_numpy().max(1), rtol=1e-6)
+    truth = mapped_atlas.heldout[:200].obs["cell_type"].astype(str).to_numpy()
+    assert (mapped.obs["dgd_label"].astype(str).to_numpy() == truth).mean() > 0.9
+    assert set(model.map(mapped_atlas.heldout[:20].copy(), epochs=1, unknown_below=1.01,
+                         progress=False).obs["dgd_label"]) == {UNKNOWN_LABEL}
+    mapped.write_h5ad(tmp_path / "mapped.h5ad")  # the probability table is an obsm DataFrame anndata can write
