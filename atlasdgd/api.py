@@ -185,7 +185,7 @@ class DGD:
         *,
         epochs: int = 20,
         new_covariate_classes: bool = False,
-        two_step: int = 0,
+        two_step: int | None = None,
         memory_budget: int | None = None,
         add_to_atlas: bool = False,
         layer=None,
@@ -227,7 +227,7 @@ class DGD:
         self.module = learn_query_classes(self.module, self.vocab.covariates, aligned, options, weight, progress)
         self.model_config = self.module.config
 
-    def predict(self, query, *, epochs: int = 20, two_step: int = 0, memory_budget: int | None = None,
+    def predict(self, query, *, epochs: int = 20, two_step: int | None = None, memory_budget: int | None = None,
                 layer=None, modality: str | None = None, modality_key: str | None = None,
                 min_overlap: float = DEFAULT_MIN_OVERLAP, progress: bool = True) -> dict[str, ad.AnnData]:
         """Map the query from the modalities (and features) it has, then decode every modality.

@@ -86,3 +86,18 @@ def test_training_is_reproducible(atlas):
         m.train(max_epochs=3, min_epochs=3, heldout_epochs=1, progress=False)
         runs.append(m.representation)
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_history_records_each_components_cells_and_weight(atlas):
+    small = atlas[:600].copy()
+    m = DGD(small, label_key="cell_type", covariate_keys=["batch"], seed=1)
+    history = m.train(max_epochs=2, min_epochs=2, heldout_epochs=1, progress=False)
+    k = m.model_config.n_components
+    cells = history[[f"component_{i}_cells" for i in range(k)]].to_numpy()
+    weights = history[[f"component_{i}_weight" for i in range(k)]].to_numpy()
+    n_train = int((m.cells.obs["dgd_split"] == "train").sum())
+    assert (cells.sum(1) == n_train).all()  # every training cell counted once per epoch
+    np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-6)
+    final = np.bincount(m.cells.obs["dgd_cluster"].to_numpy()[(m.cells.obs["dgd_split"] == "train").to_numpy()],
+                        minlength=k)
+    assert np.abs(cells[-1] - final).sum() <= 0.1 * n_train  # the last epoch's count is close to the end state

@@ -42,8 +42,9 @@ def chunk_cells(module: DGDModule, memory_budget: int = DEFAULT_MEMORY_BUDGET) -
     return max(1, int(memory_budget // bytes_per_cell(module)))
 
 
-def _candidate_codes(module: DGDModule, covariates: torch.Tensor) -> Iterator[tuple[int, tuple[int | None, ...]]]:
-    """(basal component, covariate class per covariate) combinations to score for a chunk.
+def _candidate_codes(module: DGDModule, covariates: torch.Tensor,
+                     n_basal: int) -> Iterator[tuple[int, tuple[int | None, ...]]]:
+    """(basal candidate, covariate class per covariate) combinations to score for a chunk.
 
     A covariate known for every cell of the chunk is not searched (None = use the cell's own class).
     """
@@ -51,14 +52,14 @@ def _candidate_codes(module: DGDModule, covariates: torch.Tensor) -> Iterator[tu
     for q, gmm in enumerate(module.covariate_gmms.values()):
         all_known = covariates.shape[0] == 0 or bool((covariates[:, q] >= 0).all())
         options.append([None] if all_known else list(range(gmm.n_components)))
-    for k in range(module.config.n_components):
+    for k in range(n_basal):
         for combo in itertools.product(*options):
             yield k, combo
 
 
-def _candidate(module: DGDModule, batch: Batch, k: int, combo: tuple[int | None, ...]) -> torch.Tensor:
+def _candidate(module: DGDModule, batch: Batch, basal: torch.Tensor, combo: tuple[int | None, ...]) -> torch.Tensor:
     b = len(batch)
-    blocks = [module.basal.means[k].expand(b, -1)]
+    blocks = [basal.expand(b, -1)]
     for q, (gmm, c) in enumerate(zip(module.covariate_gmms.values(), combo)):
         own = batch.covariates[:, q]
         if c is None:
@@ -75,24 +76,28 @@ def candidate_search(
     n_cells: int,
     keep: int = 1,
     progress: bool = False,
+    basal_candidates: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best candidates per cell: ``([n_cells, keep, D] starts, [n_cells, keep] losses)``, best first.
 
     ``batches`` are chunks of cells (their ``index`` = row in the output); see :func:`chunk_cells`.
+    ``basal_candidates`` ``[C, L]``: basal positions to try (default: the component means).
     """
     from tqdm.auto import tqdm
 
     was_training = module.training
     module.eval()
     dim = module.config.representation_dim
+    basal = module.basal.means.detach() if basal_candidates is None else basal_candidates
     starts = torch.zeros(n_cells, keep, dim)
     losses = torch.full((n_cells, keep), float("inf"))
     for batch in tqdm(batches, desc="candidate search", unit="chunk", disable=not progress, dynamic_ncols=True):
         b, device = len(batch), batch.index.device
         best_z = torch.zeros(b, keep, dim, device=device)
         best_loss = torch.full((b, keep), float("inf"), device=device)
-        for k, combo in _candidate_codes(module, batch.covariates):
-            z = _candidate(module, batch, k, combo)
+        basal = basal.to(device)
+        for k, combo in _candidate_codes(module, batch.covariates, len(basal)):
+            z = _candidate(module, batch, basal[k], combo)
             loss = module.losses(batch, z).per_cell()
             # merge the new candidate into each cell's sorted shortlist
             all_loss = torch.cat([best_loss, loss[:, None]], dim=1)
@@ -105,3 +110,20 @@ def candidate_search(
         losses[index] = best_loss.cpu()
     module.train(was_training)
     return starts, losses
+
+
+def reference_candidates(basal: "np.ndarray", clusters: "np.ndarray", per_component: int, seed: int = 0) -> torch.Tensor:
+    """Basal positions of up to ``per_component`` training cells of each mixture component (k-means
+    centres of its cells, so they cover it), to try beside the component means."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+
+    out = []
+    for k in np.unique(clusters):
+        cells = basal[clusters == k]
+        m = min(per_component, len(cells))
+        if m == 0:
+            continue
+        sub = cells if len(cells) <= 20_000 else cells[np.random.default_rng(seed).choice(len(cells), 20_000, replace=False)]
+        out.append(KMeans(n_clusters=m, n_init=1, random_state=seed).fit(sub).cluster_centers_)
+    return torch.as_tensor(np.concatenate(out), dtype=torch.float32)

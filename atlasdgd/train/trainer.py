@@ -79,10 +79,25 @@ class Trainer:
     def train_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
         self.module.train()
         stats = EpochStats(self.n_features)
+        basal, k = self.module.basal, self.module.config.n_components
+        cells = torch.zeros(k, dtype=torch.float64, device=self.train_table.device)
         for batch in loader:
             terms, obj = self.train_step(batch)
             stats.add(batch, terms, obj)
-        return stats.all_reduce().summary("train")
+            with torch.no_grad():  # where the batch's cells sit after the step: the mixture's occupancy
+                z = self.train_table.values[batch.index][:, : self.module.config.latent_dim]
+                cells += torch.bincount(basal.cluster(z), minlength=k).double()
+        return {**stats.all_reduce().summary("train"), **self._components(cells)}
+
+    def _components(self, cells: torch.Tensor) -> dict[str, float]:
+        """Per mixture component: training cells it holds and its weight (history columns, to see
+        components die or swallow others; summed over workers)."""
+        counts = all_reduce_sum(cells.cpu().tolist())
+        with torch.no_grad():
+            weights = torch.softmax(self.module.basal.logits, 0).cpu().tolist()
+        out = {f"component_{i}_cells": int(c) for i, c in enumerate(counts)}
+        out.update({f"component_{i}_weight": float(w) for i, w in enumerate(weights)})
+        return out
 
     def validation_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
         """One representation step for every validation cell; reports the loss before the step."""
