@@ -257,3 +257,22 @@ def test_mapping_rows_in_any_order_returns_them_in_that_order(mapped_atlas):
     back = np.searchsorted(np.sort(rows), rows)
     np.testing.assert_array_equal(shuffled.values, ordered.values[back])
     np.testing.assert_array_equal(shuffled.loss, ordered.loss[back])
+
+
+def test_candidate_search_over_given_basal_positions_equals_the_default_over_the_means():
+    cfg = ModelConfig(modalities={"rna": 25}, latent_dim=3, n_components=4, covariates={"batch": 2})
+    module = DGDModule(cfg, generator=torch.Generator().manual_seed(3))
+    rng = np.random.default_rng(3)
+    a = ad.AnnData(X=sparse.csr_matrix(rng.poisson(2.0, (30, 25)).astype(np.float32)),
+                   var=pd.DataFrame(index=[f"g{i}" for i in range(25)]))
+    a.obs_names = [f"c{i}" for i in range(30)]
+    q = align_query(a, {"rna": list(a.var_names)}, {"batch": ["0", "1"]})
+    default = candidate_search(module, q.loader(np.arange(30), 8, shuffle=False), 30, keep=2)
+    given = candidate_search(module, q.loader(np.arange(30), 8, shuffle=False), 30, keep=2,
+                             basal_candidates=module.basal.means.detach().clone())
+    torch.testing.assert_close(default[0], given[0], rtol=0, atol=0)
+    torch.testing.assert_close(default[1], given[1], rtol=0, atol=0)
+    # a far-off extra candidate is never chosen
+    extra = torch.cat([module.basal.means.detach(), torch.full((1, 3), 50.0)])
+    starts, _ = candidate_search(module, q.loader(np.arange(30), 8, shuffle=False), 30, basal_candidates=extra)
+    assert not (starts[:, 0, :3] == 50.0).any()

@@ -111,19 +111,3 @@ def candidate_search(
     module.train(was_training)
     return starts, losses
 
-
-def reference_candidates(basal: "np.ndarray", clusters: "np.ndarray", per_component: int, seed: int = 0) -> torch.Tensor:
-    """Basal positions of up to ``per_component`` training cells of each mixture component (k-means
-    centres of its cells, so they cover it), to try beside the component means."""
-    import numpy as np
-    from sklearn.cluster import KMeans
-
-    out = []
-    for k in np.unique(clusters):
-        cells = basal[clusters == k]
-        m = min(per_component, len(cells))
-        if m == 0:
-            continue
-        sub = cells if len(cells) <= 20_000 else cells[np.random.default_rng(seed).choice(len(cells), 20_000, replace=False)]
-        out.append(KMeans(n_clusters=m, n_init=1, random_state=seed).fit(sub).cluster_centers_)
-    return torch.as_tensor(np.concatenate(out), dtype=torch.float32)
