@@ -39,9 +39,10 @@ class DGD:
 
     Args:
         data: AnnData or MuData with raw counts (see :func:`atlasdgd.data.adapters.prepare` for
-            ``modalities``, ``layer``, ``modality_key`` and ``split_key``), or the URI of an atlas store
-            (``atlasdgd ingest``; zarr or TileDB-SOMA), streamed from disk or object storage. A store
-            carries its split, label and covariate columns (defaults for the keys).
+            ``modalities``, ``layer``, ``modality_key`` and ``split_key``), the path of an .h5ad,
+            .h5mu or AnnData .zarr file, or the URI of an atlas store (``atlasdgd ingest``; zarr or
+            TileDB-SOMA, where ``layer`` names the X layer), streamed from disk or object storage. A
+            store carries its split, label and covariate columns (defaults for the keys).
         label_key: obs column of cell-type labels: sets the number of mixture components and
             gives each component a label.
         covariate_keys: obs columns of categorical covariates (batch, donor, ...) to model with
@@ -49,6 +50,8 @@ class DGD:
         latent_dim: basal representation size.
         n_components: mixture components (default: number of labels, else 1).
         seed: seeds the split, initialisation and minibatch order.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; checked first.
+        storage_options: fsspec options for a store URI (credentials, endpoint).
         **model_options: other :class:`~atlasdgd.model.config.ModelConfig` fields.
     """
 
