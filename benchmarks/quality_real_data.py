@@ -76,6 +76,11 @@ def main() -> None:
         "used_components": int(obs["dgd_cluster"].nunique()),
         "z_std": float(z.std(0).mean()),
         "batch_mixing_dgd": batch_mixing(z, obs[cov].to_numpy(), obs[label].to_numpy()),
+        # mixture occupancy from the history: cells per component after the first and the last epoch
+        "component_cells_first_epoch": [int(hist[f"component_{i}_cells"].iloc[0]) for i in range(k)],
+        "component_cells_last_epoch": [int(hist[f"component_{i}_cells"].iloc[-1]) for i in range(k)],
+        "largest_component_over_largest_label": round(
+            float(obs["dgd_cluster"].value_counts().max() / obs[label].value_counts().max()), 3),
     }
     if args.baseline:
         mod = data["rna"] if hasattr(data, "mod") else data

@@ -79,22 +79,23 @@ class Trainer:
     def train_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
         self.module.train()
         stats = EpochStats(self.n_features)
-        basal, k = self.module.basal, self.module.config.n_components
-        cells = torch.zeros(k, dtype=torch.float64, device=self.train_table.device)
         for batch in loader:
             terms, obj = self.train_step(batch)
             stats.add(batch, terms, obj)
-            with torch.no_grad():  # where the batch's cells sit after the step: the mixture's occupancy
-                z = self.train_table.values[batch.index][:, : self.module.config.latent_dim]
-                cells += torch.bincount(basal.cluster(z), minlength=k).double()
-        return {**stats.all_reduce().summary("train"), **self._components(cells)}
+        return {**stats.all_reduce().summary("train"), **self._components()}
 
-    def _components(self, cells: torch.Tensor) -> dict[str, float]:
-        """Per mixture component: training cells it holds and its weight (history columns, to see
-        components die or swallow others; summed over workers)."""
+    @torch.no_grad()
+    def _components(self, block: int = 65_536) -> dict[str, float]:
+        """Per mixture component: training cells it holds at the end of the epoch and its weight
+        (history columns, to see components die or swallow others; summed over workers). Counted
+        once per epoch over the table, off the per-step path."""
+        basal, dim = self.module.basal, self.module.config.latent_dim
+        values = self.train_table.values
+        cells = torch.zeros(basal.n_components, dtype=torch.float64, device=values.device)
+        for start in range(0, len(values), block):
+            cells += torch.bincount(basal.cluster(values[start : start + block, :dim]), minlength=len(cells)).double()
         counts = all_reduce_sum(cells.cpu().tolist())
-        with torch.no_grad():
-            weights = torch.softmax(self.module.basal.logits, 0).cpu().tolist()
+        weights = torch.softmax(basal.logits, 0).cpu().tolist()
         out = {f"component_{i}_cells": int(c) for i, c in enumerate(counts)}
         out.update({f"component_{i}_weight": float(w) for i, w in enumerate(weights)})
         return out
