@@ -138,6 +138,8 @@ def _add_map(sub) -> None:
                    help="learn one new covariate component per unseen class (else unseen classes map naively)")
     p.add_argument("--save-model", help="write the model (with learned new classes) to this directory")
     p.add_argument("--add-to-atlas", action="store_true", help="with --save-model: include the mapped cells in it")
+    p.add_argument("--unknown-below", type=float, default=0.0, metavar="P",
+                   help="label cells whose label confidence is below P 'unknown' (default 0: never)")
 
 
 def _add_predict(sub) -> None:
@@ -396,6 +398,8 @@ def _write_modalities(mods: dict, path: str, overwrite: bool) -> None:
 def cmd_map(args) -> None:
     from atlasdgd.io.atomic import check_writable_target
 
+    if not 0.0 <= args.unknown_below <= 1.0:
+        raise AtlasDGDError(f"--unknown-below must be a probability in [0, 1], got {args.unknown_below}")
     _check_outputs(args, args.out, suffixes=(".h5ad",))
     if args.save_model:
         check_writable_target(args.save_model, args.overwrite)
@@ -403,7 +407,7 @@ def cmd_map(args) -> None:
         raise AtlasDGDError("--add-to-atlas needs --save-model DIR (the model directory to write)")
     model, query = _load_for_query(args)
     mapped = model.map(query, new_covariate_classes=args.new_covariate_classes, add_to_atlas=args.add_to_atlas,
-                       progress=not args.quiet, **_mapping_kwargs(args))
+                       unknown_below=args.unknown_below, progress=not args.quiet, **_mapping_kwargs(args))
     _write_h5ad(mapped, args.out, args.overwrite)
     extra = ", dgd_label, dgd_label_confidence" if "dgd_label" in mapped.obs else ""
     print(f"mapped {mapped.n_obs} cells to {args.out} (obsm: {', '.join(mapped.obsm)}; obs: dgd_cluster{extra})")

@@ -132,3 +132,21 @@ def test_bad_queries_are_refused_with_a_message_and_nothing_written(files, tmp_p
     assert main([command, str(broken), str(good), "--out", str(out), "--quiet", *extra]) == 2
     assert "not a complete atlasdgd model" in capsys.readouterr().err
     assert not out.exists() and _no_leftovers(tmp_path)
+
+
+def test_map_writes_label_probabilities_and_unknown_below_a_confidence(files, tmp_path, capsys):
+    plain, unsure = tmp_path / "plain.h5ad", tmp_path / "unsure.h5ad"
+    args = ["map", str(files / "model"), str(files / "query.h5mu"), "--epochs", "1", "--quiet"]
+    assert main(args + ["--out", str(plain)]) == 0
+    mapped = ad.read_h5ad(plain)
+    probs = mapped.obsm["dgd_label_probabilities"]
+    np.testing.assert_allclose(np.asarray(probs).sum(1), 1.0, rtol=1e-5)
+    conf = mapped.obs["dgd_label_confidence"].to_numpy()
+    threshold = float(np.unique(conf)[len(np.unique(conf)) // 2]) if len(np.unique(conf)) > 1 else 1.0
+    assert main(args + ["--out", str(unsure), "--unknown-below", str(threshold)]) == 0
+    labels = ad.read_h5ad(unsure).obs["dgd_label"].astype(str).to_numpy()
+    low = conf < threshold
+    assert (labels[low] == "unknown").all()
+    assert (labels[~low] == mapped.obs["dgd_label"].astype(str).to_numpy()[~low]).all()
+    assert main(args + ["--out", str(tmp_path / "x.h5ad"), "--unknown-below", "2"]) == 2
+    assert "--unknown-below" in capsys.readouterr().err and not (tmp_path / "x.h5ad").exists()

@@ -39,7 +39,8 @@ def test_calibrated_transfer_is_right_where_neighbours_are_and_honest_about_doub
     basal, truth, post = _cells(rng, 2000, 0.9)
     labels, conf, probs = transfer.predict(basal, post)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-12)
-    np.testing.assert_array_equal(labels, np.array(["a", "b", "c"])[probs.argmax(1)])
+    np.testing.assert_array_equal(labels, np.array(["a", "b", "c"])[probs[:, :3].argmax(1)])
+    np.testing.assert_allclose(conf, probs[:, :3].max(1))
     calibrated = confidence_report(labels, truth, conf)
     posterior_only = confidence_report(np.array(["a", "b", "c"])[post.argmax(1)], truth, post.max(1))
     assert calibrated["ece"] <= 0.05 < posterior_only["ece"]
@@ -57,12 +58,29 @@ def test_mapped_cells_carry_label_probabilities_that_survive_save_and_load(mappe
     assert {"weight", "temperature", "k"} <= set(settings) and settings["fit"]["calibrated_on"] > 0
     mapped = model.map(mapped_atlas.heldout[:200].copy(), epochs=3, progress=False)
     probs = mapped.obsm["dgd_label_probabilities"]
-    assert list(probs.columns) == model.vocab.labels and (probs.index == mapped.obs_names).all()
+    assert list(probs.columns) == [*model.vocab.labels, UNKNOWN_LABEL] and (probs.index == mapped.obs_names).all()
     np.testing.assert_allclose(probs.to_numpy().sum(1), 1.0, rtol=1e-5)
-    np.testing.assert_array_equal(mapped.obs["dgd_label"].astype(str), probs.columns[probs.to_numpy().argmax(1)])
-    np.testing.assert_allclose(mapped.obs["dgd_label_confidence"], probs.to_numpy().max(1), rtol=1e-6)
+    known = probs[model.vocab.labels].to_numpy()
+    np.testing.assert_array_equal(mapped.obs["dgd_label"].astype(str), np.array(model.vocab.labels)[known.argmax(1)])
+    np.testing.assert_allclose(mapped.obs["dgd_label_confidence"], known.max(1), rtol=1e-6)
     truth = mapped_atlas.heldout[:200].obs["cell_type"].astype(str).to_numpy()
     assert (mapped.obs["dgd_label"].astype(str).to_numpy() == truth).mean() > 0.9
     assert set(model.map(mapped_atlas.heldout[:20].copy(), epochs=1, unknown_below=1.01,
                          progress=False).obs["dgd_label"]) == {UNKNOWN_LABEL}
     mapped.write_h5ad(tmp_path / "mapped.h5ad")  # the probability table is an obsm DataFrame anndata can write
+
+
+def test_cells_far_from_every_reference_cell_lose_confidence_to_unknown():
+    rng = np.random.default_rng(2)
+    ref_basal, ref_labels, _ = _cells(rng, 900, 0.5)
+    transfer = LabelTransfer.from_cells(ref_basal, ref_labels, ["a", "b", "c"], ["a", "b", "c"], weight=1.0)
+    inside, _, post_in = _cells(rng, 300, 0.5)
+    outside = inside + np.array([0.0, -6.0])  # the same shapes, far below every cluster
+    typical_in, typical_out = transfer.typicality(inside), transfer.typicality(outside)
+    assert np.median(typical_in) > 0.3 and (typical_out <= 0.01).all()
+    # typicality is the fraction of reference cells at least as far from their neighbours: ~uniform inside
+    assert 0.02 < (typical_in < 0.05).mean() < 0.12
+    _, conf_out, probs_out = transfer.predict(outside, post_in)
+    assert conf_out.max() < 0.05 and (probs_out[:, -1] > 0.95).all()
+    _, conf_in, _ = transfer.predict(inside, post_in)
+    assert conf_in.mean() > 0.85

@@ -8,6 +8,15 @@ neighbour votes are graded. The two are mixed with weight ``weight`` and sharpen
 a temperature; both are fitted on the validation cells (held out from the decoder's training) by
 minimising the negative log-likelihood of their true labels. Cells whose calibrated confidence is
 below ``unknown_below`` are labelled "unknown".
+
+Neighbours and posterior both stay confident about a cell that a new batch places between or beside
+the reference's clusters: on Kang with a held-out donor, the few wrongly labelled cells had all 15
+neighbours agreeing (confidence ~0.99, AUROC right vs wrong 0.55). What sets them apart is distance:
+their mean distance to their 15 nearest reference cells is larger than that of nearly all reference
+cells (AUROC 0.93). So each cell's typicality q (the fraction of reference cells at least as far from
+their own 15 neighbours) scales its label probabilities by min(1, q / ``atypical_tail``); the rest is
+the probability of "unknown". With a 5% tail, donor 1016: mean confidence on wrong labels 0.998 ->
+0.47, AUROC 0.55 -> 0.91, ECE 0.009 -> 0.015.
 """
 
 from __future__ import annotations
@@ -60,12 +69,17 @@ class LabelTransfer:
     weight: float = 0.0  # of the neighbour votes (1 - weight: the mixture posterior)
     temperature: float = 1.0
     k: int = DEFAULT_K
+    atypical_tail: float = 0.05  # typicality below this scales the probabilities down (0: off)
 
     def __post_init__(self):
         from sklearn.neighbors import NearestNeighbors
 
         self._index = NearestNeighbors(n_neighbors=min(self.k, len(self.reference))).fit(self.reference)
         self._membership = _membership(self.component_labels, self.labels)
+        # each reference cell's mean distance to its k nearest other reference cells, sorted
+        n = min(self.k + 1, len(self.reference))
+        dist, _ = NearestNeighbors(n_neighbors=n).fit(self.reference).kneighbors(self.reference)
+        self._reference_spread = np.sort(dist[:, 1:].mean(axis=1)) if n > 1 else np.zeros(1)
 
     @classmethod
     def from_cells(cls, basal: np.ndarray, labels: np.ndarray, label_names: list[str],
@@ -83,11 +97,22 @@ class LabelTransfer:
     # -- the two views ---------------------------------------------------------------------
     def neighbour_votes(self, basal: np.ndarray) -> np.ndarray:
         """``[N, L]`` label fractions among each cell's k nearest reference cells (smoothed: never 0)."""
+        return self._neighbours(basal)[0]
+
+    def typicality(self, basal: np.ndarray) -> np.ndarray:
+        """``[N]`` fraction of reference cells whose mean distance to their k nearest reference cells
+        is at least each cell's (1: as central as any; near 0: farther than almost all)."""
+        return self._neighbours(basal)[1]
+
+    def _neighbours(self, basal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n_labels = len(self.labels)
-        _, idx = self._index.kneighbors(np.asarray(basal, dtype=np.float32))
+        dist, idx = self._index.kneighbors(np.asarray(basal, dtype=np.float32))
+        spread = self._reference_spread
+        # (count + 1) / (n + 1): never exactly 0, so no confidence is 0
+        typical = (len(spread) - np.searchsorted(spread, dist.mean(axis=1), side="left") + 1.0) / (len(spread) + 1.0)
         votes = np.zeros((len(idx), n_labels))
         np.add.at(votes, (np.repeat(np.arange(len(idx)), idx.shape[1]), self.reference_codes[idx].ravel()), 1.0)
-        return (votes + 1.0 / n_labels) / (idx.shape[1] + 1.0)
+        return (votes + 1.0 / n_labels) / (idx.shape[1] + 1.0), typical
 
     def posterior_mass(self, posterior: np.ndarray) -> np.ndarray:
         """``[N, L]`` mixture posterior mass per label, renormalised over labelled components."""
@@ -105,13 +130,23 @@ class LabelTransfer:
 
     # -- use -------------------------------------------------------------------------------
     def probabilities(self, basal: np.ndarray, posterior: np.ndarray) -> np.ndarray:
-        """``[N, L]`` calibrated probabilities, columns in ``labels`` order."""
-        return self._mix(self.neighbour_votes(basal), self.posterior_mass(posterior), self.weight, self.temperature)
+        """``[N, L + 1]``: calibrated probabilities of each label (``labels`` order) and, last, of
+        "unknown" (the cell is unlike the reference: see the module docstring). Rows sum to 1."""
+        votes, typical = self._neighbours(basal)
+        probs = self._mix(votes, self.posterior_mass(posterior), self.weight, self.temperature)
+        scale = np.ones(len(probs)) if self.atypical_tail <= 0 else np.minimum(1.0, typical / self.atypical_tail)
+        return np.concatenate([probs * scale[:, None], (1.0 - scale)[:, None]], axis=1)
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names of :meth:`probabilities`."""
+        return [*self.labels, UNKNOWN_LABEL]
 
     def predict(self, basal: np.ndarray, posterior: np.ndarray, unknown_below: float = 0.0):
-        """(labels, confidence, probabilities); "unknown" where the confidence is below ``unknown_below``."""
+        """(labels, confidence, probabilities): the most probable label (never "unknown" unless its
+        confidence is below ``unknown_below``), its probability, and :meth:`probabilities`."""
         probs = self.probabilities(basal, posterior)
-        best = probs.argmax(axis=1)
+        best = probs[:, :-1].argmax(axis=1)
         confidence = probs[np.arange(len(best)), best]
         labels = np.asarray(self.labels, dtype=object)[best]
         labels[confidence < unknown_below] = UNKNOWN_LABEL
@@ -140,7 +175,8 @@ class LabelTransfer:
 
     def to_dict(self) -> dict:
         """The fitted settings (the reference cells are the model's own training cells)."""
-        return {"weight": float(self.weight), "temperature": float(self.temperature), "k": int(self.k)}
+        return {"weight": float(self.weight), "temperature": float(self.temperature), "k": int(self.k),
+                "atypical_tail": float(self.atypical_tail)}
 
 
 def _codes(labels: np.ndarray, names: list[str]) -> np.ndarray:

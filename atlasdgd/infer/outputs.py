@@ -31,7 +31,7 @@ def mapped_cells_table(module, vocab, obs: pd.DataFrame, mapping, labeller: Labe
                                                          unknown_below)
             obs["dgd_label"] = pd.Categorical(labels)
             obs["dgd_label_confidence"] = confidence
-            label_probs = pd.DataFrame(probs.astype(np.float32), index=obs.index, columns=labeller.labels)
+            label_probs = pd.DataFrame(probs.astype(np.float32), index=obs.index, columns=labeller.columns)
         elif any(lab is not None for lab in vocab.component_labels):
             labels, confidence = transfer_labels(to_numpy(module.basal.posterior(basal)), vocab.component_labels)
             obs["dgd_label"] = pd.Categorical(labels)
@@ -56,7 +56,7 @@ def label_transfer(module, vocab, cells: ad.AnnData, seed: int = 0) -> LabelTran
     train = (cells.obs[SPLIT_KEY] == "train").to_numpy() & cells.obs[vocab.label_key].notna().to_numpy()
     if not train.any():
         return None
-    params = {k: v for k, v in vocab.label_transfer.items() if k in ("weight", "temperature", "k")}
+    params = {k: v for k, v in vocab.label_transfer.items() if k in ("weight", "temperature", "k", "atypical_tail")}
     return LabelTransfer.from_cells(cells.obsm[EMBEDDING_KEY][train], cells.obs[vocab.label_key].to_numpy()[train],
                                     list(vocab.labels), vocab.component_labels, seed=seed, **params)
 
