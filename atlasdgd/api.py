@@ -219,11 +219,19 @@ class DGD:
         if new_covariate_classes and aligned.unseen_classes:
             self._learn_new_classes(aligned, options, progress)
         mapping = map_cells(self.module, aligned, options, progress=progress)
-        labeller = label_transfer(self.module, self.vocab, self.cells, self.train_config.seed)
+        labeller = self._label_transfer()
         table = mapped_cells_table(self.module, self.vocab, aligned.obs, mapping, labeller, unknown_below)
         if add_to_atlas:
             self.cells = append_cells(self.cells, table, self.vocab, self.model_config.n_components)
         return table
+
+    def _label_transfer(self):
+        """The model's label transfer, built once per cell table and settings (it indexes up to 50k
+        training cells: worth keeping between map and predict calls)."""
+        key = (id(self.cells), repr({k: v for k, v in self.vocab.label_transfer.items() if k != "fit"}))
+        if getattr(self, "_labeller_cache", (None,))[0] != key:
+            self._labeller_cache = (key, label_transfer(self.module, self.vocab, self.cells, self.train_config.seed))
+        return self._labeller_cache[1]
 
     def _learn_new_classes(self, aligned: Query, options: MappingOptions, progress: bool) -> None:
         weight = 1.0 if self.train_config.hyperprior == "cell" else 1.0 / max(1, self.cells.n_obs)
@@ -246,7 +254,7 @@ class DGD:
         aligned = self.align(query, layer=layer, modality=modality, modality_key=modality_key, min_overlap=min_overlap)
         options = self.mapping_options(epochs=epochs, two_step=two_step, memory_budget=memory_budget)
         mapping = map_cells(self.module, aligned, options, progress=progress)
-        labeller = label_transfer(self.module, self.vocab, self.cells, self.train_config.seed)
+        labeller = self._label_transfer()
         table = mapped_cells_table(self.module, self.vocab, aligned.obs, mapping, labeller)
         return predicted_modalities(self.module, self.vocab, self.library_model, aligned, mapping.values, table)
 

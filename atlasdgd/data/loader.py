@@ -51,7 +51,7 @@ class CellLoader:
         self.device = None if device is None else torch.device(device)
         self._pin = self.device is not None and self.device.type == "cuda"
         self.modalities = list(source.modalities)
-        self._n_features = {m: _n_features(source, m) for m in self.modalities}
+        self._n_features = {m: int(source.n_features(m)) for m in self.modalities}
         self._library = {m: np.asarray(source.library(m), dtype=np.float32) for m in self.modalities}
         self._covariates = source.covariate_codes()
         self._observed = {m: np.asarray(source.observed[m], dtype=bool) for m in self.modalities}
@@ -200,12 +200,6 @@ class CellLoader:
                     q.get_nowait()
                 except queue.Empty:
                     thread.join(timeout=0.05)
-
-
-def _n_features(source, modality: str) -> int:
-    if hasattr(source, "n_features"):
-        return int(source.n_features(modality))
-    return len(source.feature_names[modality])
 
 
 def _contiguous(idx: np.ndarray) -> bool:

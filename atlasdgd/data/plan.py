@@ -34,7 +34,8 @@ class WorkerShard:
     """One worker's part of a run: its cells of every split and how many steps an epoch has.
 
     ``rows`` holds the global cell rows of each split (the same on every worker); ``mine(split)``
-    is this worker's shard, whose positions are the rows of its representation tables.
+    is this worker's shard, whose positions are the rows of its representation tables (the loader
+    cuts the same shard with :func:`shard_rows` and :func:`steps_per_epoch`).
     """
 
     rows: dict[str, np.ndarray]
@@ -43,9 +44,6 @@ class WorkerShard:
 
     def mine(self, split: str) -> np.ndarray:
         return shard_rows(self.rows[split], self.rank, self.world_size)
-
-    def n_steps(self, split: str, batch_size: int) -> int:
-        return steps_per_epoch(len(self.rows[split]), batch_size, self.world_size)
 
 
 class BlockShufflePlan:
