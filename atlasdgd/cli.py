@@ -92,6 +92,8 @@ def _add_train(sub) -> None:
     p.add_argument("--init", choices=["pca", "zero"], default=None, help="initial representations")
     p.add_argument("--gmm-init", choices=["auto", "labels", "kmeans", "leiden"], default=None,
                    help="mixture start (auto: label classes when --label-key is given, else Leiden)")
+    p.add_argument("--mixture-step", choices=["adam", "em"], default=None,
+                   help="basal mixture update: adam every minibatch, or em once per epoch (see README)")
     p.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
                    help="write a checkpoint into OUT/checkpoints every N epochs (default 1; 0: none)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
@@ -281,7 +283,7 @@ def cmd_train(args) -> None:
                      "layer": args.layer}
     options = {"max_epochs": args.epochs, "min_epochs": args.min_epochs, "patience": args.patience,
                "batch_size": args.batch_size, "hyperprior": args.hyperprior, "init": args.init,
-               "gmm_init": args.gmm_init, "precision": args.precision}
+               "gmm_init": args.gmm_init, "precision": args.precision, "mixture_step": args.mixture_step}
     options = {k: v for k, v in options.items() if v is not None}
     if args.workers > 1:
         if not is_store_uri(args.data):

@@ -37,6 +37,9 @@ class SimulationConfig:
     type_spread: float = 2.5  # sd of type centres (cells scatter with sd 1 around them)
     signal: float = 1.5  # scale of the latent -> log-fraction map
     batch_effect: float = 0.5  # sd of per-batch log fold changes
+    # per-batch multipliers of batch_effect (empty: all 1); e.g. (1, 1, 1, 4) makes the last batch a
+    # different protocol: gene-specific log fold changes four times as large as between the others
+    batch_scale: tuple[float, ...] = ()
     rna_library: float = 3000.0  # median counts per cell
     atac_library: float = 400.0
     protein_library: float = 2000.0
@@ -49,6 +52,10 @@ class SimulationConfig:
         for name in ("n_cells", "n_types", "n_batches", "n_genes", "latent_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.batch_scale = tuple(float(v) for v in self.batch_scale)
+        if self.batch_scale and (len(self.batch_scale) != self.n_batches or min(self.batch_scale) < 0):
+            raise ValueError(f"batch_scale needs {self.n_batches} non-negative multipliers (one per batch), "
+                             f"got {self.batch_scale}")
         if self.n_peaks < 0 or self.n_proteins < 0:
             raise ValueError("n_peaks and n_proteins must be >= 0")
         if self.n_peaks and self.n_linked_genes * self.peaks_per_linked_gene > self.n_peaks:
@@ -98,6 +105,8 @@ def _truth(cfg: SimulationConfig) -> _Truth:
         loadings[m] = rng.normal(0.0, signal[m] / np.sqrt(_HIDDEN), (_HIDDEN, f))
         base[m] = rng.normal(0.0, base_sd[m], f)
         shift[m] = rng.normal(0.0, batch_sd[m], (cfg.n_batches, f))
+        if cfg.batch_scale:  # scaled after the draw, so the rest of the simulation stays the same
+            shift[m] *= np.asarray(cfg.batch_scale)[:, None]
         dispersion[m] = np.exp(rng.normal(*disp[m], f))
 
     genes = pd.DataFrame(

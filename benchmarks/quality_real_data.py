@@ -37,23 +37,29 @@ def main() -> None:
     p.add_argument("--hyperprior", default="cell")
     p.add_argument("--init", default="pca")
     p.add_argument("--gmm-init", default="auto")
+    p.add_argument("--mixture-step", default="adam", choices=["adam", "em"])
     p.add_argument("--l1", type=float, default=0.0)
     p.add_argument("--representation-steps", type=int, default=1)
     p.add_argument("--lr-representation", type=float, default=1e-2)
     p.add_argument("--lr-decoder", type=float, default=1e-3)
     p.add_argument("--lr-basal-gmm", type=float, default=None)
     p.add_argument("--latent-dim", type=int, default=20)
+    p.add_argument("--covariate-dim", type=int, default=2)
+    p.add_argument("--covariate-radius", type=float, default=2.0)
+    p.add_argument("--covariate-loss-scale", default="one", choices=["one", "n_classes"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", action="store_true", help="also compute Leiden on PCA")
     args = p.parse_args()
 
     path, label, cov = SETS[args.dataset]
     data = read_input(require(path))
-    model = atlasdgd.DGD(data, label_key=label, covariate_keys=[cov], latent_dim=args.latent_dim, seed=args.seed)
+    model = atlasdgd.DGD(data, label_key=label, covariate_keys=[cov], latent_dim=args.latent_dim, seed=args.seed,
+                         covariate_dim=args.covariate_dim, covariate_radius=args.covariate_radius,
+                         covariate_loss_scale=args.covariate_loss_scale)
     t0 = time.perf_counter()
     hist = model.train(
         max_epochs=args.max_epochs, min_epochs=args.min_epochs, patience=args.patience, hyperprior=args.hyperprior,
-        init=args.init, gmm_init=args.gmm_init, l1=args.l1, representation_steps=args.representation_steps,
+        init=args.init, gmm_init=args.gmm_init, mixture_step=args.mixture_step, l1=args.l1, representation_steps=args.representation_steps,
         lr_representation=args.lr_representation, lr_decoder=args.lr_decoder, progress=False,
         **({"lr_basal_gmm": args.lr_basal_gmm} if args.lr_basal_gmm else {}),
         on_epoch=lambda r: r["epoch"] % 10 == 0 and print(

@@ -107,3 +107,89 @@ def test_sampling_from_a_component_has_its_moments():
     std = torch.exp(-0.5 * g.log_precision[1]).detach()
     torch.testing.assert_close(s.mean(0), g.means[1].detach(), atol=4 * std.max().item() / 200, rtol=0)
     torch.testing.assert_close(s.std(0), std, rtol=0.02, atol=0)
+
+
+def _expected_complete_objective(gmm, z, r, w):
+    """Q(phi) = sum_i sum_k r_ik [log pi_k + log N_k(z_i)] + w log p(phi), written out directly."""
+    return (r * gmm.joint_log_prob(z)).sum() + w * gmm.hyperprior_log_prob()
+
+
+@pytest.mark.parametrize("isotropic,w", [(False, 1.0), (False, 300.0), (True, 300.0)])
+def test_m_step_is_the_maximum_of_the_expected_complete_objective(isotropic, w):
+    torch.manual_seed(0)
+    gmm = GaussianMixture(3, 2, isotropic=isotropic, alpha=1.5, sigma0=0.3).double()
+    z = torch.cat([torch.randn(120, 2) * 0.2 + torch.tensor([0.8, 0.0]),
+                   torch.randn(60, 2) * 0.4 + torch.tensor([-0.7, 0.5]),
+                   torch.randn(120, 2) * 0.1 + torch.tensor([0.0, -1.2])]).double()
+    r = gmm.posterior(z).detach()
+    em = GaussianMixture(3, 2, isotropic=isotropic, alpha=1.5, sigma0=0.3).double()
+    em.load_state_dict(gmm.state_dict())
+    n, s1, s2, held = em.sufficient_statistics(z)
+    np.testing.assert_array_equal(held.numpy(), np.bincount(gmm.cluster(z).numpy(), minlength=3))
+    assert em.maximize(n, s1, s2, held, prior_weight=w) == []
+    # independent: gradient ascent on Q over all parameters from the same start
+    opt = torch.optim.LBFGS(gmm.parameters(), max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        value = -_expected_complete_objective(gmm, z, r, w)
+        value.backward()
+        return value
+
+    opt.step(loss)
+    with torch.no_grad():
+        assert _expected_complete_objective(em, z, r, w) >= _expected_complete_objective(gmm, z, r, w) - 1e-6
+        torch.testing.assert_close(em.means, gmm.means, atol=1e-4, rtol=0)
+        torch.testing.assert_close(em.log_precision, gmm.log_precision, atol=1e-4, rtol=0)
+        torch.testing.assert_close(em.log_weights(), gmm.log_weights(), atol=1e-4, rtol=0)
+
+
+def test_m_steps_never_lower_the_map_objective():
+    torch.manual_seed(1)
+    gmm = GaussianMixture(4, 3, sigma0=0.3).double()
+    z = (torch.randn(400, 3) * 0.3 + torch.randint(0, 3, (400, 1)) * 0.6 - 0.6).double()
+    w = 400.0
+
+    def objective():
+        with torch.no_grad():
+            return float(gmm.log_prob(z).sum() + w * gmm.hyperprior_log_prob())
+
+    values = [objective()]
+    for _ in range(10):
+        gmm.maximize(*gmm.sufficient_statistics(z), prior_weight=w)
+        values.append(objective())
+    assert all(b >= a - 1e-6 for a, b in zip(values, values[1:])), values
+
+
+def test_a_dead_component_is_reseeded_by_splitting_the_largest():
+    gmm = GaussianMixture(3, 2, sigma0=0.2).double()
+    with torch.no_grad():
+        gmm.means.copy_(torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.0, 1.9]]))
+    torch.manual_seed(2)
+    # two groups of cells, the larger one wide along its second axis; nothing near component 2
+    z = torch.cat([torch.randn(300, 2) * torch.tensor([0.05, 0.3]) + torch.tensor([0.5, 0.0]),
+                   torch.randn(100, 2) * 0.05 + torch.tensor([-0.5, 0.0])]).double()
+    assert gmm.maximize(*gmm.sufficient_statistics(z), prior_weight=1.0) == [2]
+    means = gmm.means.detach()
+    # the two halves of component 0 sit on either side of its old centre along the wide axis
+    assert abs(means[0, 0] - 0.5) < 0.02 and abs(means[2, 0] - 0.5) < 0.02
+    assert means[2, 1] - means[0, 1] > 0.3
+    weights = torch.exp(gmm.log_weights())
+    assert abs(float(weights[0] - weights[2])) < 1e-9
+    # and after another step both halves hold cells
+    counts = torch.bincount(gmm.cluster(z), minlength=3)
+    assert bool((counts > 50).all()), counts
+
+
+def test_a_component_that_holds_no_cell_is_reseeded_even_with_responsibility_mass():
+    gmm = GaussianMixture(2, 2, sigma0=0.3).double()
+    with torch.no_grad():  # a narrow component under a broad one: it never wins a cell
+        gmm.means.copy_(torch.tensor([[0.0, 0.0], [0.0, 0.05]]))
+        gmm.log_precision.copy_(torch.tensor([[0.0, 0.0], [2.0, 2.0]]))
+        gmm.logits.copy_(torch.tensor([3.0, -3.0]))
+    z = (torch.randn(500, 2, generator=torch.Generator().manual_seed(0)) * 0.6).double()
+    n, s1, s2, held = gmm.sufficient_statistics(z)
+    assert held[1] == 0 and n[1] > 1.0
+    assert gmm.maximize(n, s1, s2, held, prior_weight=1.0) == [1]
+    assert bool((torch.bincount(gmm.cluster(z), minlength=2) > 50).all())

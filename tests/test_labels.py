@@ -84,3 +84,24 @@ def test_cells_far_from_every_reference_cell_lose_confidence_to_unknown():
     assert conf_out.max() < 0.05 and (probs_out[:, -1] > 0.95).all()
     _, conf_in, _ = transfer.predict(inside, post_in)
     assert conf_in.mean() > 0.85
+
+
+def test_a_whole_batch_shifted_a_little_farther_keeps_its_confidence():
+    rng = np.random.default_rng(3)
+    ref_basal, ref_labels, _ = _cells(rng, 900, 0.5)
+    transfer = LabelTransfer.from_cells(ref_basal, ref_labels, ["a", "b", "c"], ["a", "b", "c"], weight=1.0)
+    basal, truth, post = _cells(rng, 300, 0.5)
+    shifted = basal + rng.normal(scale=0.6, size=basal.shape)  # every cell a bit off the reference manifold
+    dist, _ = transfer._index.kneighbors(shifted.astype(np.float32))
+    shift = np.median(dist.mean(1)) / np.median(transfer._reference_spread)
+    assert 1.3 < shift < 3.0  # the regime the correction is for
+    labels, conf, _ = transfer.predict(shifted, post)
+    absolute = np.minimum(1.0, transfer.typicality(shifted) / transfer.atypical_tail)
+    assert (absolute < 1).mean() > 0.2  # without the correction a fifth or more would lose confidence
+    corrected = 1.0 - transfer.probabilities(shifted, post)[:, -1]
+    assert (corrected < 1).mean() < 0.5 * (absolute < 1).mean()
+    right = labels == truth
+    assert right.mean() > 0.9 and conf[right].mean() > 0.85
+    # a handful of such cells is not enough to measure a shift: they keep the absolute typicality
+    few_labels, few_conf, few_probs = transfer.predict(shifted[:10], post[:10])
+    np.testing.assert_allclose(few_probs[:, -1], 1.0 - absolute[:10], atol=1e-12)

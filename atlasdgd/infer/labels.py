@@ -17,6 +17,18 @@ cells (AUROC 0.93). So each cell's typicality q (the fraction of reference cells
 their own 15 neighbours) scales its label probabilities by min(1, q / ``atypical_tail``); the rest is
 the probability of "unknown". With a 5% tail, donor 1016: mean confidence on wrong labels 0.998 ->
 0.47, AUROC 0.55 -> 0.91, ECE 0.009 -> 0.015.
+
+A batch from another protocol sits farther from the reference as a whole (simulated 4x batch effect:
+every cell's distance above the reference's 5% tail, confidence 0.42 on labels 99.3% right, ECE
+0.58). So distances are first divided by how much farther the query's median cell is than the
+reference's median cell (never multiplied: a query nearer than the reference is left alone); what
+stays atypical is atypical within its own batch. A query whose median cell is more than ``MAX_SHIFT``
+times farther is not a shifted batch but a population the reference lacks: no correction. The simulated protocol
+shift measured 1.8x (naive mapping) and 1.6x (new covariate class); with the correction its
+confidence is 0.99 on right labels, ECE 0.011. Queries of fewer than ``SHIFT_MIN_CELLS`` cells are
+not rescaled (a median of a handful of cells says nothing). A query made mostly of a population the
+reference lacks that lies within 3x the reference's distances is rescaled away too:
+:meth:`LabelTransfer.typicality` keeps the absolute view.
 """
 
 from __future__ import annotations
@@ -28,6 +40,8 @@ import numpy as np
 UNKNOWN_LABEL = "unknown"
 DEFAULT_K = 15
 MAX_REFERENCE_CELLS = 50_000  # neighbours are searched among at most this many training cells
+SHIFT_MIN_CELLS = 50  # smallest query whose median distance is trusted to measure a batch shift
+MAX_SHIFT = 3.0  # largest batch shift the typicality forgives (farther: a different population)
 _WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 _TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(20.0), 61))
 
@@ -70,6 +84,7 @@ class LabelTransfer:
     temperature: float = 1.0
     k: int = DEFAULT_K
     atypical_tail: float = 0.05  # typicality below this scales the probabilities down (0: off)
+    shift_corrected: bool = True  # typicality relative to the query's own median distance
 
     def __post_init__(self):
         from sklearn.neighbors import NearestNeighbors
@@ -101,15 +116,21 @@ class LabelTransfer:
 
     def typicality(self, basal: np.ndarray) -> np.ndarray:
         """``[N]`` fraction of reference cells whose mean distance to their k nearest reference cells
-        is at least each cell's (1: as central as any; near 0: farther than almost all)."""
-        return self._neighbours(basal)[1]
+        is at least each cell's (1: as central as any; near 0: farther than almost all); absolute,
+        without the shift correction :meth:`probabilities` applies."""
+        return self._neighbours(basal, shift_corrected=False)[1]
 
-    def _neighbours(self, basal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _neighbours(self, basal: np.ndarray, shift_corrected: bool = False) -> tuple[np.ndarray, np.ndarray]:
         n_labels = len(self.labels)
         dist, idx = self._index.kneighbors(np.asarray(basal, dtype=np.float32))
         spread = self._reference_spread
+        distance = dist.mean(axis=1)
+        if shift_corrected and len(distance) >= SHIFT_MIN_CELLS:
+            shift = float(np.median(distance) / max(np.median(spread), 1e-12))
+            if 1.0 < shift <= MAX_SHIFT:
+                distance = distance / shift
         # (count + 1) / (n + 1): never exactly 0, so no confidence is 0
-        typical = (len(spread) - np.searchsorted(spread, dist.mean(axis=1), side="left") + 1.0) / (len(spread) + 1.0)
+        typical = (len(spread) - np.searchsorted(spread, distance, side="left") + 1.0) / (len(spread) + 1.0)
         votes = np.zeros((len(idx), n_labels))
         np.add.at(votes, (np.repeat(np.arange(len(idx)), idx.shape[1]), self.reference_codes[idx].ravel()), 1.0)
         return (votes + 1.0 / n_labels) / (idx.shape[1] + 1.0), typical
@@ -132,7 +153,7 @@ class LabelTransfer:
     def probabilities(self, basal: np.ndarray, posterior: np.ndarray) -> np.ndarray:
         """``[N, L + 1]``: calibrated probabilities of each label (``labels`` order) and, last, of
         "unknown" (the cell is unlike the reference: see the module docstring). Rows sum to 1."""
-        votes, typical = self._neighbours(basal)
+        votes, typical = self._neighbours(basal, shift_corrected=self.shift_corrected)
         probs = self._mix(votes, self.posterior_mass(posterior), self.weight, self.temperature)
         scale = np.ones(len(probs)) if self.atypical_tail <= 0 else np.minimum(1.0, typical / self.atypical_tail)
         return np.concatenate([probs * scale[:, None], (1.0 - scale)[:, None]], axis=1)
@@ -176,7 +197,7 @@ class LabelTransfer:
     def to_dict(self) -> dict:
         """The fitted settings (the reference cells are the model's own training cells)."""
         return {"weight": float(self.weight), "temperature": float(self.temperature), "k": int(self.k),
-                "atypical_tail": float(self.atypical_tail)}
+                "atypical_tail": float(self.atypical_tail), "shift_corrected": bool(self.shift_corrected)}
 
 
 def _codes(labels: np.ndarray, names: list[str]) -> np.ndarray:

@@ -56,7 +56,7 @@ def label_transfer(module, vocab, cells: ad.AnnData, seed: int = 0) -> LabelTran
     train = (cells.obs[SPLIT_KEY] == "train").to_numpy() & cells.obs[vocab.label_key].notna().to_numpy()
     if not train.any():
         return None
-    params = {k: v for k, v in vocab.label_transfer.items() if k in ("weight", "temperature", "k", "atypical_tail")}
+    params = {k: v for k, v in vocab.label_transfer.items() if k in ("weight", "temperature", "k", "atypical_tail", "shift_corrected")}
     return LabelTransfer.from_cells(cells.obsm[EMBEDDING_KEY][train], cells.obs[vocab.label_key].to_numpy()[train],
                                     list(vocab.labels), vocab.component_labels, seed=seed, **params)
 

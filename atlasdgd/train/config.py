@@ -28,6 +28,8 @@ class TrainConfig:
     gmm_init: str = "auto"  # mixture start (init="pca"): "labels", "kmeans", "leiden"; auto = labels if given,
     # else leiden (Kang without labels: ARI 0.974 vs 0.637 from k-means)
 
+    mixture_step: str = "adam"  # basal mixture: "adam" every minibatch (spec), or "em": its exact optimum
+    # given the representations once per epoch, dead components re-seeded by splitting the largest
     representation_steps: int = 1  # representation Adam steps per minibatch visit
     heldout_epochs: int = 20  # refinement epochs for test-cell representations after training
     seed: int = 0
@@ -43,6 +45,8 @@ class TrainConfig:
             raise ValueError("init must be 'pca' or 'zero'")
         if self.gmm_init not in ("auto", "leiden", "kmeans", "labels"):
             raise ValueError("gmm_init must be 'auto', 'leiden', 'kmeans' or 'labels'")
+        if self.mixture_step not in ("adam", "em"):
+            raise ValueError("mixture_step must be 'adam' or 'em'")
         for name in ("max_epochs", "batch_size", "representation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -38,11 +38,11 @@ class Trainer:
         # summing dense gradients over data-parallel workers (a no-op in one process)
         self.sync_gradients = sync_gradients or allreduce_gradients
         betas = config.betas
-        self.optimizers = [
-            torch.optim.AdamW(module.decoder_parameters(), lr=config.lr_decoder, betas=betas,
-                              weight_decay=config.weight_decay),
-            torch.optim.Adam(module.basal_parameters(), lr=config.lr_basal_gmm, betas=betas),
-        ]
+        self.optimizers = [torch.optim.AdamW(module.decoder_parameters(), lr=config.lr_decoder, betas=betas,
+                                             weight_decay=config.weight_decay)]
+        self.em = config.mixture_step == "em"
+        if not self.em:
+            self.optimizers.append(torch.optim.Adam(module.basal_parameters(), lr=config.lr_basal_gmm, betas=betas))
         if module.covariate_gmms:
             self.optimizers.append(torch.optim.Adam(module.covariate_parameters(), lr=config.lr_covariate_gmm, betas=betas))
         self.n_features = dict(module.config.modalities)
@@ -67,6 +67,9 @@ class Trainer:
             loss = loss + self.config.l1 * l1 / workers
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        if self.em:  # the basal mixture moves once per epoch (_components); no gradient for it
+            for p in self.module.basal_parameters():
+                p.grad = None
         loss.backward()
         self.sync_gradients(self.dense_params)
         for opt in self.optimizers:
@@ -88,9 +91,24 @@ class Trainer:
     def _components(self, block: int = 65_536) -> dict[str, float]:
         """Per mixture component: training cells it holds at the end of the epoch and its weight
         (history columns, to see components die or swallow others; summed over workers). Counted
-        once per epoch over the table, off the per-step path."""
+        once per epoch over the table, off the per-step path. With ``mixture_step="em"`` the
+        mixture's M-step runs first, on statistics summed over blocks and workers."""
         basal, dim = self.module.basal, self.module.config.latent_dim
         values = self.train_table.values
+        reseeded: list[int] = []
+        if self.em:
+            k = basal.n_components
+            stats = [torch.zeros(k, dtype=torch.float64, device=values.device),
+                     *(torch.zeros(k, dim, dtype=torch.float64, device=values.device) for _ in "12"),
+                     torch.zeros(k, dtype=torch.float64, device=values.device)]
+            for start in range(0, len(values), block):
+                for total, part in zip(stats, basal.sufficient_statistics(values[start : start + block, :dim])):
+                    total += part
+            flat = torch.tensor(all_reduce_sum(torch.cat([t.reshape(-1) for t in stats]).tolist()),
+                                dtype=torch.float64, device=values.device)
+            n, s1, s2, held = flat.split([k, k * dim, k * dim, k])
+            reseeded = basal.maximize(n, s1.view(-1, dim), s2.view(-1, dim), held,
+                                      prior_weight=self.hyperprior_weight * self.n_train_total)
         cells = torch.zeros(basal.n_components, dtype=torch.float64, device=values.device)
         for start in range(0, len(values), block):
             cells += torch.bincount(basal.cluster(values[start : start + block, :dim]), minlength=len(cells)).double()
@@ -98,6 +116,8 @@ class Trainer:
         weights = torch.softmax(basal.logits, 0).cpu().tolist()
         out = {f"component_{i}_cells": int(c) for i, c in enumerate(counts)}
         out.update({f"component_{i}_weight": float(w) for i, w in enumerate(weights)})
+        if self.em:
+            out["components_reseeded"] = len(reseeded)
         return out
 
     def validation_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
