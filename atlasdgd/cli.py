@@ -9,6 +9,8 @@
     atlasdgd perturb model query.h5mu --gene Gad1 --group-by cell_type --out deltas.csv
     atlasdgd sample model --cells 100 --component "CD4 T" --out synthetic.h5mu
     atlasdgd evaluate model data.h5mu --label-key cell_type --batch-key batch --out metrics.json
+    atlasdgd atlas create atlas_dir data.h5ad --label-key cell_type --covariate-key batch
+    atlasdgd atlas update atlas_dir new_batch.h5ad; atlasdgd atlas log atlas_dir; atlasdgd embed atlas_dir@1 ...
     atlasdgd demo
 """
 
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"atlasdgd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_simulate, _add_ingest, _add_train, _add_embed, _add_map, _add_predict, _add_perturb, _add_sample, _add_evaluate,
-                _add_demo):
+                _add_demo, _add_atlas):
         add(sub)
     return parser
 
@@ -322,10 +324,88 @@ def cmd_embed(args) -> None:
     from atlasdgd.io.atomic import atomic_file, check_writable_target
 
     check_writable_target(args.out, args.overwrite)
-    cells = DGD.load(args.model, device=args.device).embed()
+    cells = _load_model(args.model, args.device).embed()
     with atomic_file(args.out, args.overwrite) as tmp:
         ad.AnnData.write_h5ad(cells, tmp)
     print(f"wrote {cells.n_obs} cells to {args.out} (obsm: {', '.join(cells.obsm)}; obs: dgd_cluster, dgd_split)")
+
+
+def _load_model(ref: str, device):
+    """A model directory, an atlas (its latest version) or ATLAS@N (version N)."""
+    from atlasdgd import DGD
+    from atlasdgd.atlas import Atlas, is_atlas, parse_reference
+
+    uri, version = parse_reference(ref)
+    if version is not None or is_atlas(uri):
+        return Atlas(uri).model(version, device=device)
+    return DGD.load(ref, device=device)
+
+
+def _add_atlas(sub) -> None:
+    p = sub.add_parser("atlas", help="a living reference atlas: create, update with new batches, log, rollback")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    c = verbs.add_parser("create", help="ingest DATA (or adopt --store) and train version 1 (or adopt --model)")
+    c.add_argument("atlas", help="where the atlas lives (a directory or fsspec URI)")
+    c.add_argument("data", nargs="?", default=None, help=".h5ad/.h5mu/AnnData .zarr (or give --store)")
+    c.add_argument("--store", default=None, help="an existing atlas store to adopt instead of DATA")
+    c.add_argument("--model", default=None, help="a model directory trained on those cells, adopted as version 1")
+    c.add_argument("--label-key", default=None)
+    c.add_argument("--covariate-key", action="append", default=[])
+    c.add_argument("--epochs", type=int, default=None, help="maximum training epochs")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--quiet", action="store_true")
+    u = verbs.add_parser("update", help="add the cells of NEW_DATA as a new version (mapped with the frozen model)")
+    u.add_argument("atlas")
+    u.add_argument("data")
+    u.add_argument("--epochs", type=int, default=20, help="mapping refinement epochs (default 20)")
+    u.add_argument("--finetune", type=int, default=0, metavar="EPOCHS", help="not available yet")
+    u.add_argument("--device", default="auto")
+    u.add_argument("--quiet", action="store_true")
+    lg = verbs.add_parser("log", help="the atlas's versions")
+    lg.add_argument("atlas")
+    lg.add_argument("--json", action="store_true", help="print a JSON array of the version records")
+    r = verbs.add_parser("rollback", help="make version N the latest again (a new version; nothing deleted)")
+    r.add_argument("atlas")
+    r.add_argument("version", type=int)
+
+
+def cmd_atlas(args) -> None:
+    import json
+
+    from atlasdgd.atlas import Atlas
+
+    if args.verb == "create":
+        if args.epochs is not None and args.epochs < 1:
+            raise AtlasDGDError(f"--epochs must be >= 1, got {args.epochs}")
+        atlas = Atlas.create(args.atlas, args.data, label_key=args.label_key, covariate_keys=args.covariate_key,
+                             store=args.store, model=args.model, seed=args.seed, device=args.device,
+                             train_options={} if args.epochs is None else {"max_epochs": args.epochs},
+                             progress=not args.quiet)
+        rec = atlas.record()
+        print(f"atlas {args.atlas}: version {rec.version}, {rec.n_cells} cells")
+    elif args.verb == "update":
+        if args.epochs < 0:
+            raise AtlasDGDError(f"--epochs must be >= 0, got {args.epochs}")
+        if not Path(args.data).exists():
+            raise AtlasDGDError(f"new data {args.data!r} does not exist")
+        rec = Atlas(args.atlas).update(args.data, epochs=args.epochs, finetune=args.finetune, device=args.device,
+                                       progress=not args.quiet)
+        new = {k: v for k, v in rec.added.get("new_classes", {}).items() if v}
+        print(f"atlas {args.atlas}: version {rec.version}, {rec.n_cells} cells (+{rec.n_added})"
+              + (f"; new classes {new}" if new else ""))
+    elif args.verb == "log":
+        log = Atlas(args.atlas).log()
+        if args.json:
+            print(json.dumps(log))
+            return
+        for rec in log:
+            what = f"rollback to version {rec['rollback_of']}" if rec["rollback_of"] else (
+                f"+{rec['n_added']} cells, batches {rec['added'].get('batches', {})}")
+            print(f"version {rec['version']}  {rec['time']}  {rec['n_cells']} cells  {what}")
+    elif args.verb == "rollback":
+        rec = Atlas(args.atlas).rollback(args.version)
+        print(f"atlas {args.atlas}: version {rec.version} = version {args.version} ({rec.n_cells} cells)")
 
 
 def _check_outputs(args, *paths, suffixes: tuple[str, ...]) -> None:
@@ -346,7 +426,7 @@ def _load_for_query(args):
 
     if getattr(args, "epochs", 1) is not None and args.epochs < 0:
         raise AtlasDGDError(f"--epochs must be >= 0, got {args.epochs}")
-    model = DGD.load(args.model, device=args.device)
+    model = _load_model(args.model, args.device)
     if not Path(args.query).exists():
         raise AtlasDGDError(f"query {args.query!r} does not exist")
     query = read_input(args.query)
@@ -465,7 +545,7 @@ def cmd_sample(args) -> None:
         library = {k: float(v) for k, v in _pairs(args.library, "--library").items()}
     except ValueError as e:
         raise AtlasDGDError(f"--library sizes must be numbers ({e})") from e
-    model = DGD.load(args.model, device=args.device)
+    model = _load_model(args.model, args.device)
     component = args.component
     if component is not None and component.lstrip("-").isdigit():
         component = int(component)
@@ -503,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "train": cmd_train, "embed": cmd_embed, "map": cmd_map,
                "predict": cmd_predict, "perturb": cmd_perturb, "sample": cmd_sample, "evaluate": cmd_evaluate,
-               "demo": cmd_demo}[args.command]
+               "demo": cmd_demo, "atlas": cmd_atlas}[args.command]
     try:
         ray_run = args.command == "train" and args.workers > 1  # the workers' devices are Ray's (--gpus)
         if getattr(args, "device", None) is not None and not ray_run:

@@ -51,3 +51,24 @@ def mapped_atlas(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("mapped_atlas") / "model"
     model.save(model_dir)
     return SimpleNamespace(data=data, train=train, heldout=heldout, model_dir=model_dir, config=cfg)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3-compatible server (moto) on loopback, started and stopped here."""
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    options = {"key": "test", "secret": "test", "endpoint_url": f"http://127.0.0.1:{port}"}
+    import s3fs
+
+    s3fs.S3FileSystem(**options).mkdir("atlas-bucket")
+    yield options
+    server.stop()

@@ -18,6 +18,7 @@ LAYERS = [
     {"evaluate", "plotting", "simulate"},
     {"artifact"},
     {"api"},
+    {"atlas"},
     {"distributed"},
     {"demo"},
     {"cli"},

@@ -1,8 +1,6 @@
 """Atlas stores: ingest round trips, torn stores, the streaming loader, SOMA, S3, training from a store."""
 
 import json
-import logging
-import os
 import signal
 import subprocess
 import sys
@@ -28,7 +26,6 @@ from atlasdgd.store.ingest import ingest
 from atlasdgd.store.zarr_store import StoreWriter
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.trainer import Trainer
-from conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -271,25 +268,6 @@ def test_soma_and_zarr_backends_give_the_same_batches(h5mu, tmp_path):
             np.testing.assert_array_equal(a.counts[m].numpy(), b.counts[m].numpy())
             np.testing.assert_array_equal(a.library[m].numpy(), b.library[m].numpy())
         np.testing.assert_array_equal(a.covariates.numpy(), b.covariates.numpy())
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """An S3-compatible server (moto) on loopback, started and stopped here."""
-    pytest.importorskip("moto")
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    options = {"key": "test", "secret": "test", "endpoint_url": f"http://127.0.0.1:{port}"}
-    import s3fs
-
-    s3fs.S3FileSystem(**options).mkdir("atlas-bucket")
-    yield options
-    server.stop()
 
 
 def test_s3_round_trip_ingest_and_train(h5mu, s3, tmp_path):
