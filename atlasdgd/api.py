@@ -106,7 +106,7 @@ class DGD:
     # -- training ------------------------------------------------------------------------
     def train(self, progress: bool = True, on_epoch=None, checkpoint_uri: str | None = None,
               storage_options: dict | None = None, resume: bool = False, checkpoint_every: int = 1,
-              **train_options) -> pd.DataFrame:
+              start: np.ndarray | None = None, **train_options) -> pd.DataFrame:
         """Fit decoder, mixtures and representations on the model's device; returns the per-epoch history.
 
         ``on_epoch`` is called with each epoch's history row (for logging). ``train_options`` are
@@ -114,7 +114,8 @@ class DGD:
         rates, ``hyperprior``, ``init``, ``precision``, ...). With ``checkpoint_uri`` a checkpoint is
         written every ``checkpoint_every`` epochs (:mod:`atlasdgd.train.checkpoint`); ``resume``
         continues from the latest complete one. Under torch.distributed (Ray Train workers) this is
-        one worker's part (see :func:`atlasdgd.train.run.run_training`).
+        one worker's part (see :func:`atlasdgd.train.run.run_training`). ``start`` ``[N, D]``:
+        continue from these representations and the current weights (fine-tuning; no PCA start).
         """
         if self.data is None:
             raise AtlasDGDError("this model has no training data attached (it was loaded): create DGD(data, ...) to train")
@@ -124,7 +125,7 @@ class DGD:
         result = run_training(self.module, self.data, cfg, label_codes=labels, n_labels=len(self.vocab.labels),
                               device=self.device,
                               checkpoint_uri=checkpoint_uri, storage_options=storage_options, resume=resume,
-                              checkpoint_every=checkpoint_every, progress=progress, on_epoch=on_epoch)
+                              checkpoint_every=checkpoint_every, progress=progress, on_epoch=on_epoch, start=start)
         self.history = pd.DataFrame(result.history)
         if result.values is None:  # a worker other than 0: worker 0 holds the model
             return self.history

@@ -17,7 +17,7 @@ Two updates at once: both build, one creates ``versions/000N.json`` first (an ex
 existence check then a write: two updates racing within that window are not detected.
 
 Fault injection for tests: ``ATLASDGD_ATLAS_FAULT=<stage>`` makes the process exit at that stage
-(``append``, ``map``, ``model``, ``commit``), as a kill would.
+(``append``, ``map``, ``finetune``, ``model``, ``commit``), as a kill would.
 """
 
 from __future__ import annotations
@@ -141,9 +141,10 @@ class Atlas:
         for added_in, part in rec.cell_parts:
             table = model.cells if part == rec.model else self._cells(part)
             table = table.copy()
-            table.obs[VERSION_KEY] = int(added_in)
+            if VERSION_KEY not in table.obs:  # a fine-tuned version's full table carries it per cell
+                table.obs[VERSION_KEY] = int(added_in)
             parts.append(table)
-        cells = ad.concat(parts, merge="same") if len(parts) > 1 else parts[0]
+        cells = ad.concat(parts, join="outer", merge="same") if len(parts) > 1 else parts[0]
         for col in cells.obs.columns:  # concat turns categoricals with different categories into objects
             if col != VERSION_KEY and cells.obs[col].dtype == object:
                 cells.obs[col] = pd.Categorical(cells.obs[col].where(cells.obs[col].notna(), None))
@@ -179,10 +180,16 @@ class Atlas:
             ingest(data, atlas._path(segment), label_key=label_key, covariate_keys=list(covariate_keys), seed=seed,
                    storage_options=storage_options, progress=progress)
             source = atlas._path(segment)
-        else:
-            segment, source = store, store  # adopted as is (an absolute URI)
+        else:  # adopted where it is
+            segment = source = store if is_remote(store) else os.path.abspath(store)
         if model is not None:
+            from atlasdgd.store.cells import open_store
+
             trained = DGD.load(model, storage_options=storage_options, device=device)
+            stored = open_store(source, storage_options).obs.index.astype(str)
+            if not trained.cells.obs_names.astype(str).equals(stored):
+                raise AtlasError(f"the model {model!r} was not trained on the cells of this store (cell names or "
+                                 "their order differ): train it on the store, or let 'atlas create' train")
         else:
             trained = DGD(source, label_key=label_key, covariate_keys=list(covariate_keys), seed=seed, device=device,
                           storage_options=storage_options, **(model_options or {}))
@@ -200,9 +207,8 @@ class Atlas:
         """Add the cells of ``data`` as a new version: validate, append, map with the frozen model
         (new covariate classes get new components), commit. See the module docstring for what a
         failure leaves behind."""
-        if finetune:
-            raise AtlasError("--finetune is not available yet: updates map new cells with the frozen model "
-                             "(see the README, 'Living atlases')")
+        if finetune < 0:
+            raise AtlasError(f"finetune must be >= 0 epochs, got {finetune}")
         base = self.record()
         model = self.model(base.version, device=device)
         query = read_input(data)
@@ -231,8 +237,17 @@ class Atlas:
         part = append_cells(model.cells[:0], table, model.vocab, model.model_config.n_components)
         if VERSION_KEY in part.obs:
             del part.obs[VERSION_KEY]
-        model.cells = part  # the version keeps the training history of the model it came from
+        for key in ("dgd_label", "dgd_label_confidence"):  # what the transfer said, next to the kept labels
+            if key in table.obs:
+                part.obs[key] = table.obs[key].to_numpy()
         model_dir = f"models/{version:04d}-{token}"
+        if finetune:
+            self._finetune(model, [*base.segments, segment], part, finetune, version, progress)
+            _fault("finetune")
+            parts = [[version, model_dir]]  # every representation may have moved: one full table
+        else:
+            model.cells = part  # the version keeps the training history of the model it came from
+            parts = [*base.cell_parts, [version, model_dir]]
         model.save(self._path(model_dir), storage_options=self.storage_options)
         _fault("model")
         added = {
@@ -248,12 +263,46 @@ class Atlas:
         }
         n_added = int(part.n_obs)
         record = VersionRecord(version=version, time=_now(), model=model_dir,
-                               cell_parts=[*base.cell_parts, [version, model_dir]],
-                               segments=[*base.segments, segment], n_cells=base.n_cells + n_added, n_added=n_added,
-                               added=added)
+                               cell_parts=parts, segments=[*base.segments, segment],
+                               n_cells=base.n_cells + n_added, n_added=n_added, added=added,
+                               finetuned=bool(finetune))
         _fault("commit")
         self._commit(record)
         return record
+
+    def _segment_uri(self, segment: str) -> str:
+        return segment if "://" in segment or segment.startswith("/") else self._path(segment)
+
+    def _finetune(self, model: DGD, segments: list[str], part: ad.AnnData, epochs: int, version: int,
+                  progress: bool) -> None:
+        """Continue training on every cell of every segment from the current weights and
+        representations (the new cells from where mapping put them); ``model.cells`` becomes the full
+        table, each cell keeping its arrival version."""
+        from atlasdgd.store.cells import StoreCells, open_store
+        from atlasdgd.store.concat import ConcatStore
+
+        vocab = model.vocab
+        old = model.cells
+        arrival = np.concatenate([old.obs[VERSION_KEY].to_numpy(), np.full(part.n_obs, version)]).astype(np.int64)
+        stores = [open_store(self._segment_uri(s), self.storage_options).store for s in segments]
+        joined = ConcatStore(stores, vocab.features)
+        names = old.obs_names.append(part.obs_names)
+        if not joined.obs.index.astype(str).equals(pd.Index(names.astype(str))):
+            raise AtlasError("the atlas's segments and cell tables list different cells: the atlas is damaged; "
+                             "roll back to an earlier version")
+        for key, classes in vocab.covariates.items():
+            joined.obs[key] = pd.Categorical(joined.obs[key].astype(str), categories=list(classes))
+        label_key = vocab.label_key if vocab.label_key in joined.obs else None
+        if label_key:
+            values = joined.obs[label_key].astype(object)
+            joined.obs[label_key] = pd.Categorical(values.where(values.isin(vocab.labels), None),
+                                                   categories=list(vocab.labels))
+        source = StoreCells(joined, label_key=label_key, covariate_keys=list(vocab.covariates))
+        blocks = [f"X_dgd_{k}" for k in vocab.covariates]
+        start = np.concatenate([np.hstack([t.obsm["X_dgd"], *[t.obsm[b] for b in blocks]]) for t in (old, part)])
+        model.data = source
+        model.train(start=start, progress=progress, max_epochs=epochs, min_epochs=0)
+        model.cells.obs[VERSION_KEY] = arrival
 
     def rollback(self, version: int) -> VersionRecord:
         """Make ``version`` the latest again: a new version with its content (nothing is deleted)."""

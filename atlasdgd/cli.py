@@ -359,7 +359,8 @@ def _add_atlas(sub) -> None:
     u.add_argument("atlas")
     u.add_argument("data")
     u.add_argument("--epochs", type=int, default=20, help="mapping refinement epochs (default 20)")
-    u.add_argument("--finetune", type=int, default=0, metavar="EPOCHS", help="not available yet")
+    u.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
+                   help="after mapping, train on all cells for up to EPOCHS epochs from the current state (default 0)")
     u.add_argument("--device", default="auto")
     u.add_argument("--quiet", action="store_true")
     lg = verbs.add_parser("log", help="the atlas's versions")
@@ -385,8 +386,8 @@ def cmd_atlas(args) -> None:
         rec = atlas.record()
         print(f"atlas {args.atlas}: version {rec.version}, {rec.n_cells} cells")
     elif args.verb == "update":
-        if args.epochs < 0:
-            raise AtlasDGDError(f"--epochs must be >= 0, got {args.epochs}")
+        if args.epochs < 0 or args.finetune < 0:
+            raise AtlasDGDError(f"--epochs and --finetune must be >= 0, got {args.epochs}, {args.finetune}")
         if not Path(args.data).exists():
             raise AtlasDGDError(f"new data {args.data!r} does not exist")
         rec = Atlas(args.atlas).update(args.data, epochs=args.epochs, finetune=args.finetune, device=args.device,

@@ -70,6 +70,10 @@ def test_version_one_is_bit_identical_after_the_update_and_old_rows_are_untouche
     for key in before.obsm:
         np.testing.assert_array_equal(latest.obsm[key][:n_old], before.obsm[key])
     assert (latest.obs[VERSION_KEY].to_numpy() == np.repeat([1, 2], [n_old, latest.n_obs - n_old])).all()
+    added = latest.obs.iloc[n_old:]
+    assert added["dgd_label_confidence"].between(0, 1).all() and added["dgd_label"].notna().all()
+    # the added cells keep their own labels; the transfer agrees with most of them
+    assert (added["dgd_label"].astype(str) == added["cell_type"].astype(str)).mean() > 0.8
     # the update added exactly one covariate component and kept the decoder
     v1, v2 = atlas.model(1), atlas.model(2)
     assert v2.model_config.covariates["batch"] == v1.model_config.covariates["batch"] + 1
@@ -108,8 +112,8 @@ def test_bad_updates_are_refused_before_anything_is_written(grown, batches, tmp_
     assert files() == before
 
 
-@pytest.mark.parametrize("stage", ["append", "map", "model", "commit"])
-def test_a_kill_at_any_stage_leaves_the_last_version_and_a_rerun_succeeds(batches, tmp_path, stage):
+@pytest.mark.parametrize("stage,finetune", [("append", 0), ("map", 0), ("finetune", 1), ("model", 0), ("commit", 0)])
+def test_a_kill_at_any_stage_leaves_the_last_version_and_a_rerun_succeeds(batches, tmp_path, stage, finetune):
     first, update, _ = batches
     uri = str(tmp_path / "atlas")
     Atlas.create(uri, str(first), label_key="cell_type", covariate_keys=["batch"],
@@ -117,13 +121,13 @@ def test_a_kill_at_any_stage_leaves_the_last_version_and_a_rerun_succeeds(batche
     v1 = Atlas(uri).model().embed()
     env = {**os.environ, "ATLASDGD_ATLAS_FAULT": stage, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "atlasdgd.cli", "atlas", "update", uri, str(update), "--epochs", "2",
-                           "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+                           "--finetune", str(finetune), "--quiet"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 70, proc.stderr[-2000:]
     atlas = Atlas(uri)
     assert atlas.versions() == [1]
     np.testing.assert_array_equal(atlas.model().embed().obsm["X_dgd"], v1.obsm["X_dgd"])
-    rec = atlas.update(str(update), epochs=2, progress=False)
-    assert rec.version == 2 and atlas.versions() == [1, 2]
+    rec = atlas.update(str(update), epochs=2, finetune=finetune, progress=False)
+    assert rec.version == 2 and atlas.versions() == [1, 2] and rec.finetuned == bool(finetune)
 
 
 def test_two_updates_at_once_one_wins_the_other_is_told(grown, batches, monkeypatch):
@@ -159,3 +163,26 @@ def test_the_whole_cycle_on_object_storage(batches, s3):
     np.testing.assert_array_equal(again.model(1).embed().obsm["X_dgd"], v1.obsm["X_dgd"])
     assert again.model().embed().n_obs == data.n_obs
     assert again.rollback(1).n_cells == v1.n_obs
+
+
+def test_finetune_trains_every_cell_from_where_it_was_and_keeps_version_one(batches, tmp_path):
+    first, update, data = batches
+    uri = str(tmp_path / "atlas")
+    atlas = Atlas.create(uri, str(first), label_key="cell_type", covariate_keys=["batch"],
+                         train_options={"max_epochs": 4, "min_epochs": 1}, progress=False)
+    v1 = atlas.model()
+    before = v1.embed()
+    assert main(["atlas", "update", uri, str(update), "--epochs", "3", "--finetune", "3", "--quiet"]) == 0
+    rec = atlas.record()
+    assert rec.finetuned and rec.n_cells == data.n_obs and len(rec.cell_parts) == 1
+    latest = atlas.model()
+    cells = latest.embed()
+    assert list(cells.obs_names) == list(before.obs_names) + list(data.obs_names[data.obs["batch"] == "batch_3"])
+    assert (cells.obs[VERSION_KEY].to_numpy() == np.repeat([1, 2], [before.n_obs, cells.n_obs - before.n_obs])).all()
+    # fine-tuning moved the old cells and the decoder (a little: 3 epochs from the trained state)
+    moved = np.abs(cells.obsm["X_dgd"][: before.n_obs] - before.obsm["X_dgd"]).max(1)
+    assert (moved > 0).mean() > 0.9 and np.median(moved) < 0.5 * np.abs(before.obsm["X_dgd"]).max()
+    w1 = v1.module.decoder.state_dict()
+    assert any(not bool((p == w1[n]).all()) for n, p in latest.module.decoder.state_dict().items())
+    assert latest.model_config.covariates["batch"] == 4
+    np.testing.assert_array_equal(atlas.model(1).embed().obsm["X_dgd"], before.obsm["X_dgd"])

@@ -367,3 +367,26 @@ def test_cells_in_memory_are_shuffled_freely_each_epoch():
     first = next(iter(loader)).cells.numpy()
     # a block shuffle would draw a batch from a few 1024-cell blocks; a permutation spreads it
     assert len(np.unique(first // 100)) > 20
+
+
+def test_ingest_keeps_every_obs_column_so_a_later_label_key_works(tmp_path):
+    from atlasdgd.store.sources import open_cells
+
+    data = simulate(SimulationConfig(n_cells=300, n_types=3, n_batches=2, n_genes=60, seed=4))
+    rng = np.random.default_rng(0)
+    data.obs["score"] = rng.normal(size=data.n_obs)
+    data.obs["count"] = rng.integers(0, 9, data.n_obs)
+    data.obs["flag"] = rng.uniform(size=data.n_obs) < 0.5
+    note = np.array(["x", "y", None], dtype=object)[rng.integers(0, 3, data.n_obs)]
+    data.obs["note"] = note
+    path = tmp_path / "in.h5ad"
+    data.write_h5ad(path)
+    uri = ingest(str(path), str(tmp_path / "s.zarr"), covariate_keys=["batch"], shuffle=True, progress=False)
+    cells = open_cells(uri, label_key="cell_type", covariate_keys=["batch"])  # not named at ingest
+    obs = cells.obs.loc[data.obs_names]
+    np.testing.assert_array_equal(obs["cell_type"].astype(str), data.obs["cell_type"].astype(str))
+    np.testing.assert_allclose(obs["score"].to_numpy(), data.obs["score"].to_numpy())
+    np.testing.assert_array_equal(obs["count"].to_numpy(), data.obs["count"].to_numpy())
+    np.testing.assert_array_equal(obs["flag"].to_numpy(), data.obs["flag"].to_numpy())
+    np.testing.assert_array_equal(obs["note"].isna().to_numpy(), pd.isna(note))
+    assert len(np.unique(cells.label_codes())) == 3

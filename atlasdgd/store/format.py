@@ -5,7 +5,8 @@
                                    n_features / nnz, obs columns and their roles, chunking, whether
                                    the cell order was shuffled, feature filter
       obs/                         AnnData dataframe encoding: cell ids (index), label, covariates
-                                   (categorical), dgd_split, library_<modality>, observed_<modality>
+                                   (categorical), every other input obs column, dgd_split,
+                                   library_<modality>, observed_<modality>
       mod/<modality>/              a complete AnnData group: anndata.read_zarr(STORE/mod/rna) opens it
         X/                         CSR in anndata's encoding (indptr int64, indices int32, data
                                    float32); data/indices chunked and sharded along cells (chunks of

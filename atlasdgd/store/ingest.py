@@ -149,8 +149,10 @@ def ingest(
     """Convert an input file into an atlas store; returns the store URI.
 
     Args:
-        label_key, covariate_keys, split_key: obs columns to carry (covariates become categorical);
-            without ``split_key`` a stratified ``split_fractions`` split (seeded) is stored.
+        label_key, covariate_keys, split_key: the store's default label and covariates (covariates become
+            categorical); without ``split_key`` a stratified ``split_fractions`` split (seeded) is stored.
+            Every other obs column is kept as well (text as categoricals), so a later training run
+            may name any of them.
         shuffle: store cells in a seeded random order (so contiguous blocks are random samples).
         min_cells_fraction: keep features detected in at least this fraction of cells.
     """
@@ -185,6 +187,17 @@ def ingest(
         col = pd.Series(obs_in[key].to_numpy(), index=obs.index)
         validate.check_covariate_values(col.to_frame(key), key)
         obs[key] = pd.Categorical(col.astype(str).to_numpy())
+    # every other obs column travels too (an atlas keeps its metadata; a later --label-key may name one)
+    reserved = set(obs.columns) | {SPLIT_KEY, split_key} | {f"{p}_{m}" for p in ("library", "observed") for m in mods}
+    for key in obs_in.columns:
+        if key in reserved:
+            continue
+        col = obs_in[key]
+        if col.dtype == object or isinstance(col.dtype, pd.CategoricalDtype):
+            values = col.astype(object).to_numpy()
+            obs[str(key)] = pd.Categorical([None if pd.isna(v) else str(v) for v in values])
+        else:
+            obs[str(key)] = col.to_numpy()
     if split_key:
         split = split_from_column(obs_in[split_key])
     else:

@@ -80,8 +80,11 @@ def start_mixture(module: DGDModule, z: np.ndarray, label_codes: np.ndarray | No
 def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np.ndarray | None = None,
                  n_labels: int = 0, device: torch.device | str | None = "cpu", checkpoint_uri: str | None = None,
                  storage_options: dict | None = None, resume: bool = False, checkpoint_every: int = 1,
-                 progress: bool = True, on_epoch=None) -> RunResult:
+                 progress: bool = True, on_epoch=None, start: np.ndarray | None = None) -> RunResult:
     """Train ``module`` on ``source`` (in place); see the module docstring.
+
+    ``start`` ``[N, D]``: every cell's representation to continue from (fine-tuning a trained
+    model); the PCA and mixture starts are skipped and the mixture keeps its trained state.
 
     Under torch.distributed (Ray Train workers) this is one worker's part: it trains the
     representation rows of its own cells only, and needs ``checkpoint_uri`` to assemble them.
@@ -98,8 +101,14 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
     torch.manual_seed(cfg.seed)
     shard = WorkerShard({s: source.split_rows(s) for s in SPLITS}, rank, world)
     rows = shard.rows
-    init = initial_representations(module, source, cfg, rows["train"])  # every cell, the same on every worker
-    if cfg.init == "pca":
+    if start is not None:
+        if start.shape != (source.n_cells, module.config.representation_dim):
+            raise AtlasDGDError(f"start representations of shape {start.shape} do not fit {source.n_cells} cells x "
+                                f"{module.config.representation_dim} dimensions")
+        init = np.ascontiguousarray(start, dtype=np.float32)
+    else:
+        init = initial_representations(module, source, cfg, rows["train"])  # every cell, the same on every worker
+    if cfg.init == "pca" and start is None:
         labels = None if label_codes is None else label_codes[rows["train"]]
         start_mixture(module, init[rows["train"], : module.config.latent_dim], labels, n_labels, cfg)
     module.to(device)

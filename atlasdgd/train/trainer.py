@@ -107,7 +107,10 @@ class Trainer:
             flat = torch.tensor(all_reduce_sum(torch.cat([t.reshape(-1) for t in stats]).tolist()),
                                 dtype=torch.float64, device=values.device)
             n, s1, s2, held = flat.split([k, k * dim, k * dim, k])
-            reseeded = basal.maximize(n, s1.view(-1, dim), s2.view(-1, dim), held,
+            # re-seed by responsibility mass, not by argmax counts: on SNARE-seq re-seeding every
+            # component that wins no cell kept all 15 in use but split the large types (ARI 0.27 vs 0.33)
+            del held
+            reseeded = basal.maximize(n, s1.view(-1, dim), s2.view(-1, dim), None,
                                       prior_weight=self.hyperprior_weight * self.n_train_total)
         cells = torch.zeros(basal.n_components, dtype=torch.float64, device=values.device)
         for start in range(0, len(values), block):
