@@ -10,10 +10,15 @@ import importlib
 import sys
 import types
 
+from atlasdgd.runtime.threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # before anything imports torch: OpenMP reads it once (see runtime/threads.py)
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "DGD": "atlasdgd.api",
+    "Atlas": "atlasdgd.atlas",
     "SimulationConfig": "atlasdgd.simulate",
     "simulate": "atlasdgd.simulate",
 }

@@ -336,7 +336,7 @@ def _load_model(ref: str, device):
     from atlasdgd.atlas import Atlas, is_atlas, parse_reference
 
     uri, version = parse_reference(ref)
-    if version is not None or is_atlas(uri):
+    if is_atlas(uri) and not (version is not None and Path(ref).is_dir()):  # a model folder may contain '@'
         return Atlas(uri).model(version, device=device)
     return DGD.load(ref, device=device)
 

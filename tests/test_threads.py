@@ -1,0 +1,30 @@
+"""OpenMP's wait policy is set before torch loads, unless the user chose one."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROBE = "import atlasdgd, torch, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+
+
+def _policy(**env) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "ATLASDGD_OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
+                         check=True, timeout=120)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("env,expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                          ({"ATLASDGD_OMP_WAIT_POLICY": "default"}, "None")])
+def test_passive_waiting_unless_the_user_chose(env, expected):
+    assert _policy(**env) == expected
+
+
+def test_too_late_once_torch_is_loaded_so_the_environment_is_left_alone():
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import torch, atlasdgd, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True,
+                         timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "None"  # set now, it would claim an effect it cannot have
