@@ -101,3 +101,20 @@ def test_history_records_each_components_cells_and_weight(atlas):
     final = np.bincount(m.cells.obs["dgd_cluster"].to_numpy()[(m.cells.obs["dgd_split"] == "train").to_numpy()],
                         minlength=k)
     assert np.abs(cells[-1] - final).sum() <= 0.1 * n_train  # the last epoch's count is close to the end state
+
+
+def test_em_mixture_step_moves_the_mixture_once_per_epoch_without_an_optimiser():
+    data = atlasdgd.simulate(n_cells=1500, n_types=4, n_batches=2, n_genes=200, seed=2)
+    model = DGD(data, label_key="cell_type", covariate_keys=["batch"], seed=0)
+    seen = []
+    hist = model.train(max_epochs=6, min_epochs=6, progress=False, mixture_step="em",
+                       on_epoch=lambda row: seen.append(model.module.basal.means.detach().clone()))
+    assert "components_reseeded" in hist and (hist["components_reseeded"] == 0).all()
+    assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))  # the M-step ran every epoch
+    cells = model.embed()
+    assert adjusted_rand_score(data.obs["cell_type"], cells.obs["dgd_cluster"]) > 0.9
+    # the weights are the M-step's: the share of each component's responsibility mass
+    z = torch.as_tensor(cells.obsm["X_dgd"][(cells.obs["dgd_split"] == "train").to_numpy()])
+    basal = model.module.basal
+    mass = basal.posterior(z).sum(0) / len(z)
+    np.testing.assert_allclose(torch.exp(basal.log_weights()).detach().numpy(), mass.detach().numpy(), atol=0.05)
