@@ -61,3 +61,40 @@ def test_sparse_and_dense_gradients_agree(sample):
     nb_log_prob(torch.tensor(x), torch.exp(log_y) * torch.tensor(lib)[:, None], rr).sum().backward()
     torch.testing.assert_close(g_sparse[0], logits.grad)
     torch.testing.assert_close(g_sparse[1], rr.grad)
+
+
+def test_given_nonzeros_match_the_search_values_and_gradients(sample):
+    # the loader hands the likelihood its CSR non-zeros (any order, stored zeros included): same values
+    # and gradients as finding them in the dense counts
+    x, frac, lib, _, r = sample
+    x = torch.tensor(x)
+    rows, cols = torch.nonzero(x, as_tuple=True)
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+    extra_zero = torch.nonzero(x == 0)[:3].T  # stored zeros
+    given = (torch.cat([rows[perm], extra_zero[0]]), torch.cat([cols[perm], extra_zero[1]]),
+             torch.cat([x[rows, cols][perm], torch.zeros(3, dtype=x.dtype)]))
+    grads = []
+    for nonzeros in (None, given):
+        logits = torch.tensor(np.log(frac), requires_grad=True)
+        rr = torch.tensor(r, requires_grad=True)
+        out = nb_log_prob_rows(x, torch.log_softmax(logits, 1), torch.tensor(lib), rr, nonzeros)
+        out.sum().backward()
+        grads.append((out.detach(), logits.grad, rr.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_hand_written_dense_backward_passes_gradcheck(sample):
+    # the dense terms' backward is written out (atlasdgd.model.nb._DenseTerms): check it against
+    # finite differences in float64, for log-fractions and dispersions, with an uneven upstream gradient
+    from atlasdgd.model.nb import _DenseTerms
+
+    x, frac, lib, _, r = sample
+    lf = torch.tensor(np.log(frac), requires_grad=True)
+    rr = torch.tensor(r, requires_grad=True)
+    weights = torch.linspace(0.5, 2.0, len(lib), dtype=torch.float64)
+
+    def f(lf, rr):
+        return _DenseTerms.apply(lf, torch.log(torch.tensor(lib)), rr, torch.tensor(x)) * weights
+
+    assert torch.autograd.gradcheck(f, (lf, rr), eps=1e-6, atol=1e-5)

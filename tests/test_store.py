@@ -72,6 +72,30 @@ def test_ingest_round_trip_is_exact_for_every_modality_and_obs_column(h5mu, tmp_
     assert list(cells.obs["dgd_split"].astype(str)) == list(expected.obs["dgd_split"].astype(str).iloc[order])
 
 
+def test_split_order_stores_train_validation_test_as_shuffled_ranges(h5mu, tmp_path):
+    uri = tmp_path / "atlas.zarr"
+    assert main(["ingest", str(h5mu), str(uri), "--label-key", "cell_type", "--covariate-key", "batch",
+                 "--order", "split", "--chunk-cells", "128", "--quiet"]) == 0
+    cells = open_store(str(uri))
+    expected = prepare(read_input(h5mu), label_key="cell_type", covariate_keys=["batch"])
+    split = cells.obs["dgd_split"].astype(str).to_numpy()
+    sizes = [int((split == s).sum()) for s in ("train", "validation", "test")]
+    assert sum(sizes) == cells.n_cells and min(sizes) > 0
+    # contiguous ranges, in this order
+    np.testing.assert_array_equal(split, np.repeat(["train", "validation", "test"], sizes))
+    order = pd.Index(expected.obs_names).get_indexer(cells.obs_names)
+    for s, (lo, hi) in zip(("train", "validation", "test"), [(0, sizes[0]), (sizes[0], sizes[0] + sizes[1]),
+                                                              (sizes[0] + sizes[1], cells.n_cells)]):
+        np.testing.assert_array_equal(cells.split_rows(s), np.arange(lo, hi))
+        within = order[lo:hi]
+        assert not np.all(np.diff(within) > 0)  # shuffled within the split
+        assert set(expected.obs["dgd_split"].astype(str).iloc[within]) == {s}  # the same split as in memory
+    for m in ("rna", "atac"):
+        np.testing.assert_array_equal(cells.store.read_range(m, 0, cells.n_cells).toarray(),
+                                      expected.counts[m][order].toarray())
+    assert main(["ingest", str(h5mu), str(tmp_path / "b.zarr"), "--order", "split", "--shuffle", "--quiet"]) == 2
+
+
 def test_feature_filter_keeps_features_detected_in_enough_cells(h5mu, tmp_path):
     uri = tmp_path / "filtered.zarr"
     ingest(str(h5mu), str(uri), min_cells_fraction=0.2, progress=False)

@@ -95,34 +95,36 @@ class CellLoader:
         """The Batch of sorted shard ``positions``: dense counts scattered from the loaded windows'
         CSR blocks."""
         windows = window_of[positions]
-        counts = {}
+        counts, nonzeros = {}, {}
         for m in self.modalities:
             # every row is written by exactly one _fill_rows call, which zeroes it first
             out = torch.empty((len(positions), self._n_features[m]), dtype=torch.float32, pin_memory=self._pin)
-            dense = out.numpy()
+            dense, pieces = out.numpy(), []
             for w in np.unique(windows):
                 in_window = positions[windows == w]
                 chunks = in_window // self.plan.chunk_cells
                 for c in np.unique(chunks):
                     block, pos = loaded[int(w)][int(c)]
                     want = in_window[chunks == c]
-                    _fill_rows(block[m], np.searchsorted(pos, want), dense, np.searchsorted(positions, want))
-            counts[m] = out
-        return self._finish(positions, counts)
+                    pieces.append(_fill_rows(block[m], np.searchsorted(pos, want), dense,
+                                             np.searchsorted(positions, want)))
+            counts[m], nonzeros[m] = out, _nonzero_tensors(pieces)
+        return self._finish(positions, counts, nonzeros)
 
     def _assemble_resident(self, positions: np.ndarray) -> Batch:
         """The Batch of sorted shard ``positions`` of a source held in memory: its rows are read
         straight into the dense block (no windows to stage)."""
         cells = self.rows[positions]
-        counts = {}
+        counts, nonzeros = {}, {}
         for m in self.modalities:
             # every row is written by exactly one _fill_rows call, which zeroes it first
             out = torch.empty((len(positions), self._n_features[m]), dtype=torch.float32, pin_memory=self._pin)
-            _fill_rows(self.source.read_rows(m, cells), np.arange(len(cells)), out.numpy(), np.arange(len(cells)))
+            every = np.arange(len(cells))
+            nonzeros[m] = _nonzero_tensors([_fill_rows(self.source.read_rows(m, cells), every, out.numpy(), every)])
             counts[m] = out
-        return self._finish(positions, counts)
+        return self._finish(positions, counts, nonzeros)
 
-    def _finish(self, positions: np.ndarray, counts: dict[str, torch.Tensor]) -> Batch:
+    def _finish(self, positions: np.ndarray, counts: dict[str, torch.Tensor], nonzeros: dict | None = None) -> Batch:
         """The one Batch builder: counts plus the cells' libraries, covariates and masks, on the device."""
         cells = self.rows[positions]
         observed = None
@@ -136,6 +138,7 @@ class CellLoader:
             observed=observed,
             features=self._features,
             cells=torch.from_numpy(cells),
+            nonzeros=nonzeros or None,
         )
         return batch if self.device is None else batch.to(self.device)
 
@@ -206,8 +209,10 @@ def _contiguous(idx: np.ndarray) -> bool:
     return len(idx) > 0 and int(idx[-1]) - int(idx[0]) + 1 == len(idx) and bool(np.all(np.diff(idx) == 1))
 
 
-def _fill_rows(x, rows: np.ndarray, out: np.ndarray, out_rows: np.ndarray) -> None:
-    """``out[out_rows[i]] = x[rows[i]]`` (dense, zeros included) for CSR ``x``. A batch's cells of one chunk land in consecutive
+def _fill_rows(x, rows: np.ndarray, out: np.ndarray, out_rows: np.ndarray):
+    """``out[out_rows[i]] = x[rows[i]]`` (dense, zeros included) for CSR ``x``; returns the written
+    entries as ``(out row, column, value)`` arrays (the likelihood's non-zeros, no search over the dense
+    block). A batch's cells of one chunk land in consecutive
     output rows (positions are sorted and a chunk is a range of positions): for scipy blocks these go
     through scipy's C++ row indexing and densification straight into the output (3-4x faster than
     numpy fancy indexing, measured on 50k x 2,000 in memory); anything else is scattered in numpy."""
@@ -217,27 +222,51 @@ def _fill_rows(x, rows: np.ndarray, out: np.ndarray, out_rows: np.ndarray) -> No
             rows_of_x = x if whole else x[int(rows[0]) : int(rows[-1]) + 1]
         else:
             rows_of_x = x[rows]
-        rows_of_x.toarray(out=out[int(out_rows[0]) : int(out_rows[-1]) + 1])
-        return
+        first = int(out_rows[0])
+        rows_of_x.toarray(out=out[first : int(out_rows[-1]) + 1])
+        lengths = np.diff(rows_of_x.indptr)
+        start = int(rows_of_x.indptr[0])
+        end = start + int(lengths.sum())
+        return (np.repeat(np.arange(first, first + len(lengths)), lengths), rows_of_x.indices[start:end],
+                rows_of_x.data[start:end])
     out[out_rows] = 0
-    _scatter_rows(x, rows, out, out_rows)
+    return _scatter_rows(x, rows, out, out_rows)
 
 
-def _scatter_rows(x, rows: np.ndarray, out: np.ndarray, out_rows: np.ndarray) -> None:
+def _nonzero_tensors(pieces: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ``(rows, cols, values)`` triple (int64, int64, float32) from the pieces of a batch, in row
+    order (each piece covers consecutive rows), so the likelihood sums in the same order whatever
+    the source and its chunking."""
+    pieces = sorted((p for p in pieces if len(p[0])), key=lambda p: int(p[0][0])) or pieces[:1]
+    if len(pieces) == 1:
+        r, c, v = pieces[0]
+    else:
+        r, c, v = (np.concatenate([p[i] for p in pieces]) for i in range(3))
+    return (torch.from_numpy(np.asarray(r, dtype=np.int64)), torch.from_numpy(np.asarray(c, dtype=np.int64)),
+            torch.from_numpy(np.asarray(v, dtype=np.float32)))
+
+
+def _scatter_rows(x, rows: np.ndarray, out: np.ndarray, out_rows: np.ndarray):
     """``out[out_rows[i]] = x[rows[i]]`` (dense, C-contiguous ``out``) for a CSR ``x`` (anything with
-    indptr, indices and data), without building intermediate sparse matrices.
+    indptr, indices and data), without building intermediate sparse matrices; returns the written
+    entries as ``(out row, column, value)`` arrays.
 
     Hand-written rather than scipy's row indexing + toarray so the core loader needs no scipy; one
     flat (1-D) fancy assignment is ~5x faster than numpy's 2-D ``out[r, c] = v`` here (measured).
     """
+    rows = np.asarray(rows, dtype=np.int64)
     starts = x.indptr[rows]
     lengths = x.indptr[rows + 1] - starts
     total = int(lengths.sum())
+    out_rows = np.asarray(out_rows, dtype=np.int64)
     if total == 0:
-        return
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=np.float32)
     if len(rows) > 1 and np.all(rows[1:] == rows[:-1] + 1):  # consecutive rows: one contiguous slice
         flat = np.arange(starts[0], starts[0] + total)
     else:  # flat positions of every selected row's non-zeros: its start plus 0..length-1
         flat = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
-    dest = np.repeat(np.asarray(out_rows, dtype=np.int64) * out.shape[1], lengths) + x.indices[flat]
-    out.reshape(-1)[dest] = x.data[flat]
+    row_of = np.repeat(out_rows, lengths)
+    cols, values = x.indices[flat], x.data[flat]
+    out.reshape(-1)[row_of * out.shape[1] + cols] = values
+    return row_of, cols, values

@@ -31,6 +31,9 @@ class Batch:
     # only some features); None = all features. Fractions are renormalised over these features.
     features: dict[str, torch.Tensor] | None = None
     cells: torch.Tensor | None = None  # [B] global cell rows in a store (streaming loaders)
+    # modality -> (rows, cols, values) of the non-zero counts (the loader has them from its CSR
+    # blocks); None: the likelihood finds them in the dense counts
+    nonzeros: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -49,6 +52,7 @@ class Batch:
             observed=None if self.observed is None else {m: move(v) for m, v in self.observed.items()},
             features=None if self.features is None else {m: move(v) for m, v in self.features.items()},
             cells=self.cells,
+            nonzeros=None if self.nonzeros is None else {m: tuple(move(t) for t in v) for m, v in self.nonzeros.items()},
         )
 
 
@@ -150,7 +154,8 @@ class DGDModule(nn.Module):
                 log_fraction = log_fraction.index_select(1, idx)
                 log_fraction = log_fraction - torch.logsumexp(log_fraction, dim=1, keepdim=True)
                 r = r.index_select(0, idx)
-            nll = -nb_log_prob_rows(x, log_fraction, batch.library[m], r)
+            nonzeros = None if batch.nonzeros is None else batch.nonzeros.get(m)
+            nll = -nb_log_prob_rows(x, log_fraction, batch.library[m], r, nonzeros)
             if batch.observed is not None and m in batch.observed:
                 nll = nll * batch.observed[m]
             recon[m] = nll

@@ -20,6 +20,16 @@ from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.early_stopping import EarlyStopping
 
 
+def fused_optimizer_options(module: torch.nn.Module) -> dict:
+    """``{"fused": True}`` where torch has a fused Adam for the parameters' device and dtype: one
+    kernel per parameter group instead of ~10 element-wise ops per tensor (the for-loop Adam was
+    ~12% of a CPU training step, measured); ``{}`` elsewhere (torch's default)."""
+    params = list(module.parameters())
+    ok = params and all(p.dtype in (torch.float32, torch.float64) and p.device.type in ("cpu", "cuda")
+                        for p in params)
+    return {"fused": True} if ok and len({p.device for p in params}) == 1 else {}
+
+
 class Trainer:
     """Owns the optimisers of the dense parameters and the representation tables of one worker."""
 
@@ -38,13 +48,16 @@ class Trainer:
         # summing dense gradients over data-parallel workers (a no-op in one process)
         self.sync_gradients = sync_gradients or allreduce_gradients
         betas = config.betas
+        fused = fused_optimizer_options(module)
         self.optimizers = [torch.optim.AdamW(module.decoder_parameters(), lr=config.lr_decoder, betas=betas,
-                                             weight_decay=config.weight_decay)]
+                                             weight_decay=config.weight_decay, **fused)]
         self.em = config.mixture_step == "em"
         if not self.em:
-            self.optimizers.append(torch.optim.Adam(module.basal_parameters(), lr=config.lr_basal_gmm, betas=betas))
+            self.optimizers.append(torch.optim.Adam(module.basal_parameters(), lr=config.lr_basal_gmm, betas=betas,
+                                                    **fused))
         if module.covariate_gmms:
-            self.optimizers.append(torch.optim.Adam(module.covariate_parameters(), lr=config.lr_covariate_gmm, betas=betas))
+            self.optimizers.append(torch.optim.Adam(module.covariate_parameters(), lr=config.lr_covariate_gmm,
+                                                    betas=betas, **fused))
         self.n_features = dict(module.config.modalities)
         self.dense_params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
 
