@@ -105,14 +105,15 @@ class DGD:
 
     # -- training ------------------------------------------------------------------------
     def train(self, progress: bool = True, on_epoch=None, checkpoint_uri: str | None = None,
-              storage_options: dict | None = None, resume: bool = False, checkpoint_every: int = 1,
-              start: np.ndarray | None = None, **train_options) -> pd.DataFrame:
+              storage_options: dict | None = None, resume: bool = False, checkpoint_every: int | None = None,
+              checkpoint_seconds: float = 300.0, start: np.ndarray | None = None, **train_options) -> pd.DataFrame:
         """Fit decoder, mixtures and representations on the model's device; returns the per-epoch history.
 
         ``on_epoch`` is called with each epoch's history row (for logging). ``train_options`` are
         :class:`~atlasdgd.train.config.TrainConfig` fields (``max_epochs``, ``batch_size``, learning
         rates, ``hyperprior``, ``init``, ``precision``, ...). With ``checkpoint_uri`` a checkpoint is
-        written every ``checkpoint_every`` epochs (:mod:`atlasdgd.train.checkpoint`); ``resume``
+        written every ``checkpoint_every`` epochs, or by default once ``checkpoint_seconds`` of wall
+        time have passed since the last (:mod:`atlasdgd.train.checkpoint`); ``resume``
         continues from the latest complete one. Under torch.distributed (Ray Train workers) this is
         one worker's part (see :func:`atlasdgd.train.run.run_training`). ``start`` ``[N, D]``:
         continue from these representations and the current weights (fine-tuning; no PCA start).
@@ -125,7 +126,8 @@ class DGD:
         result = run_training(self.module, self.data, cfg, label_codes=labels, n_labels=len(self.vocab.labels),
                               device=self.device,
                               checkpoint_uri=checkpoint_uri, storage_options=storage_options, resume=resume,
-                              checkpoint_every=checkpoint_every, progress=progress, on_epoch=on_epoch, start=start)
+                              checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
+                              progress=progress, on_epoch=on_epoch, start=start)
         self.history = pd.DataFrame(result.history)
         if result.values is None:  # a worker other than 0: worker 0 holds the model
             return self.history

@@ -62,7 +62,10 @@ def _add_ingest(sub) -> None:
     p.add_argument("--covariate-key", action="append", default=[], help="obs column of a covariate (repeatable)")
     p.add_argument("--split-key", help="obs column with train/validation/test (default: stratified 80/10/10)")
     p.add_argument("--layer", help="layer with raw counts instead of X")
-    p.add_argument("--shuffle", action="store_true", help="store cells in a seeded random order")
+    p.add_argument("--shuffle", action="store_true", help="store cells in a seeded random order (--order shuffle)")
+    p.add_argument("--order", choices=["input", "shuffle", "split"], default=None,
+                   help="cell order in the store: input (default), shuffle, or split = [train | validation | "
+                        "test] each shuffled (fastest to train from: held-out cells are read as ranges)")
     p.add_argument("--min-cells-fraction", type=float, default=0.0,
                    help="keep features detected in at least this fraction of cells (default: keep all)")
     p.add_argument("--chunk-cells", type=int, default=4096, help="cells per read block / storage chunk")
@@ -96,8 +99,12 @@ def _add_train(sub) -> None:
                    help="mixture start (auto: label classes when --label-key is given, else Leiden)")
     p.add_argument("--mixture-step", choices=["adam", "em"], default=None,
                    help="basal mixture update: adam every minibatch, or em once per epoch (see README)")
-    p.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
-                   help="write a checkpoint into OUT/checkpoints every N epochs (default 1; 0: none)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="write a checkpoint into OUT/checkpoints every N epochs (default: by wall time, see "
+                        "--checkpoint-minutes; 0: none)")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
+                   help="without --checkpoint-every: write a checkpoint once M minutes passed since the last "
+                        "(default 5)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
     p.add_argument("--workers", type=int, default=1, help="data-parallel workers on Ray (default 1: no Ray)")
     p.add_argument("--address", default=None,
@@ -239,6 +246,8 @@ def cmd_ingest(args) -> None:
     from atlasdgd.store.soma import SCHEME, ingest_soma
 
     if args.store.startswith(SCHEME):
+        if args.shuffle or args.order not in (None, "input"):
+            raise AtlasDGDError("--shuffle/--order apply to zarr stores; a SOMA experiment keeps the input's order")
         out = ingest_soma(args.input, args.store, label_key=args.label_key, covariate_keys=args.covariate_key,
                           split_key=args.split_key, layer=args.layer, seed=args.seed, overwrite=args.overwrite,
                           chunk_cells=args.chunk_cells)
@@ -246,7 +255,7 @@ def cmd_ingest(args) -> None:
         from atlasdgd.store.ingest import ingest
 
         out = ingest(args.input, args.store, label_key=args.label_key, covariate_keys=args.covariate_key,
-                     split_key=args.split_key, layer=args.layer, shuffle=args.shuffle,
+                     split_key=args.split_key, layer=args.layer, shuffle=args.shuffle, order=args.order,
                      min_cells_fraction=args.min_cells_fraction, chunk_cells=args.chunk_cells, seed=args.seed,
                      overwrite=args.overwrite, storage_options=_storage_options(args), progress=not args.quiet)
     from atlasdgd.store.cells import open_store
@@ -276,9 +285,13 @@ def _check_train_target(args) -> None:
 def cmd_train(args) -> None:
     from atlasdgd.store.sources import is_store_uri
 
-    for name in ("workers", "checkpoint_every"):
-        if getattr(args, name) < (1 if name == "workers" else 0):
-            raise AtlasDGDError(f"--{name.replace('_', '-')} must be >= {1 if name == 'workers' else 0}")
+    if args.workers < 1:
+        raise AtlasDGDError(f"--workers must be >= 1, got {args.workers}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise AtlasDGDError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {args.checkpoint_every}")
+    if not args.checkpoint_minutes >= 0:
+        raise AtlasDGDError(f"--checkpoint-minutes must be >= 0, got {args.checkpoint_minutes}")
+    schedule = {"checkpoint_every": args.checkpoint_every or None, "checkpoint_seconds": 60.0 * args.checkpoint_minutes}
     _check_train_target(args)
     model_options = {"label_key": args.label_key, "covariate_keys": args.covariate_key, "modalities": args.modality,
                      "latent_dim": args.latent_dim, "n_components": args.components, "seed": args.seed,
@@ -296,7 +309,7 @@ def cmd_train(args) -> None:
 
         history = train_on_ray(args.data, args.out, workers=args.workers, address=args.address,
                                storage_options=_storage_options(args), model_options=model_options,
-                               train_options=options, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                               train_options=options, resume=args.resume, **schedule,
                                threads=args.threads, overwrite=args.overwrite,
                                use_gpu=args.gpus or args.device.startswith("cuda"),
                                progress=not args.quiet)
@@ -309,9 +322,9 @@ def cmd_train(args) -> None:
             torch.set_num_threads(args.threads)
         model = DGD(args.data, modality_key=args.modality_key, split_key=args.split_key, device=args.device,
                     storage_options=_storage_options(args), **model_options)
-        checkpoint_uri = args.out if args.checkpoint_every > 0 else None
+        checkpoint_uri = None if args.checkpoint_every == 0 else args.out
         history = model.train(progress=not args.quiet, checkpoint_uri=checkpoint_uri, resume=args.resume,
-                              checkpoint_every=max(1, args.checkpoint_every), **options)
+                              **schedule, **options)
         model.save(args.out, overwrite=True, storage_options=_storage_options(args))  # replaces the checkpoints
     best = history.loc[history["best"]] if "best" in history else history.tail(1)
     print(f"trained {len(history)} epochs (best {int(best['epoch'].iloc[0])}); model written to {args.out}")

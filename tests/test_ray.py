@@ -106,7 +106,7 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(ray_session, store, s
     def run():
         try:
             result["history"] = train_on_ray(str(store), str(out), workers=2, train_options=TRAIN, progress=False,
-                                             threads=1, max_failures=2)
+                                             threads=1, max_failures=2, checkpoint_every=1)
         except Exception as e:  # surfaced below
             result["error"] = e
 

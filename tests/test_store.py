@@ -233,6 +233,31 @@ def test_batches_carry_counts_libraries_and_covariates_of_their_cells(store):
     np.testing.assert_array_equal(batch.covariates.numpy(), cells.covariate_codes()[idx])
 
 
+def _dense_nonzeros(x: torch.Tensor):
+    rows, cols = torch.nonzero(x, as_tuple=True)
+    return rows.numpy(), cols.numpy(), x[rows, cols].numpy()
+
+
+@pytest.mark.parametrize("source", ["store", "memory"])
+def test_batches_carry_the_nonzeros_of_their_dense_counts_in_row_order(store, source):
+    # the likelihood takes the loader's (row, col, value) triples instead of searching the dense block:
+    # they must be exactly its non-zeros, in row-major order, for streamed windows and resident CSR alike
+    cells = open_store(str(store))
+    if source == "memory":
+        sim = simulate(SimulationConfig(n_cells=2500, n_types=4, n_batches=2, n_genes=100, n_peaks=150, seed=2))
+        sim.obs["dgd_split"] = cells.obs["dgd_split"].to_numpy()
+        cells = prepare(sim, label_key="cell_type", covariate_keys=["batch"], split_key="dgd_split")
+    loader = cells.loader(cells.split_rows("train"), 96, seed=3, chunk_cells=64, buffer_chunks=3)
+    for batch in list(loader)[:5]:
+        for m in cells.modalities:
+            rows, cols, values = (t.numpy() for t in batch.nonzeros[m])
+            want = _dense_nonzeros(batch.counts[m])
+            keep = values != 0  # stored zeros are allowed (they add nothing to the likelihood)
+            np.testing.assert_array_equal(rows[keep], want[0])
+            np.testing.assert_array_equal(cols[keep], want[1])
+            np.testing.assert_array_equal(values[keep], want[2])
+
+
 def test_training_from_a_store_equals_training_in_memory_for_the_same_order(store, tmp_path):
     cells = open_store(str(store))
     sim = simulate(SimulationConfig(n_cells=2500, n_types=4, n_batches=2, n_genes=100, n_peaks=150, seed=2))

@@ -42,7 +42,8 @@ def _worker(config: dict) -> None:
     _attempt_marker(config, read=False)
     model.train(progress=config["progress"] and sync.rank() == 0, checkpoint_uri=config["out"],
                           storage_options=config["storage_options"], resume=resume,
-                          checkpoint_every=config["checkpoint_every"], **config["train"])
+                          checkpoint_every=config["checkpoint_every"],
+                          checkpoint_seconds=config["checkpoint_seconds"], **config["train"])
     if sync.rank() == 0:
         model.save(config["out"], overwrite=True, storage_options=config["storage_options"])
 
@@ -64,7 +65,8 @@ def _attempt_marker(config: dict, read: bool) -> bool:
 
 def train_on_ray(store: str, out: str, *, workers: int, address: str | None = None, storage_options: dict | None = None,
                  model_options: dict | None = None, train_options: dict | None = None, resume: bool = False,
-                 checkpoint_every: int = 1, threads: int | None = None, overwrite: bool = False, use_gpu: bool = False,
+                 checkpoint_every: int | None = None, checkpoint_seconds: float = 300.0, threads: int | None = None,
+                 overwrite: bool = False, use_gpu: bool = False,
                  max_failures: int = 3, progress: bool = True) -> pd.DataFrame:
     """Train on ``workers`` Ray workers; writes the model to ``out``; returns the history."""
     try:
@@ -91,7 +93,8 @@ def train_on_ray(store: str, out: str, *, workers: int, address: str | None = No
 
     config = {
         "store": absolute(store), "out": absolute(out), "storage_options": storage_options, "model": dict(model_options or {}),
-        "train": dict(train_options or {}), "resume": resume, "checkpoint_every": max(1, checkpoint_every),
+        "train": dict(train_options or {}), "resume": resume, "checkpoint_every": checkpoint_every,
+        "checkpoint_seconds": checkpoint_seconds,
         "threads": threads, "progress": progress, "use_gpu": use_gpu, "run_id": f"{int(time.time() * 1000)}-{os.getpid()}",
     }
     # Ray's own run storage (not our checkpoints): a local scratch folder

@@ -53,6 +53,7 @@ class StoreManifest:
     chunk_cells: int = 4096
     shard_chunks: int = 8
     shuffled: bool = False
+    order: str = "input"  # "input", "shuffle" or "split" (see atlasdgd.store.ingest.ORDERS)
     min_cells_fraction: float = 0.0
     source: str = ""
     format: str = FORMAT

@@ -21,6 +21,7 @@ from atlasdgd.model.module import DGDModule
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.runtime import sync
 from atlasdgd.runtime.device import check_precision, resolve_device, to_numpy
+from atlasdgd.train.checkpoint import DEFAULT_CHECKPOINT_SECONDS
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.init import mixture_start, pca_start
 from atlasdgd.train.trainer import Trainer
@@ -79,9 +80,13 @@ def start_mixture(module: DGDModule, z: np.ndarray, label_codes: np.ndarray | No
 
 def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np.ndarray | None = None,
                  n_labels: int = 0, device: torch.device | str | None = "cpu", checkpoint_uri: str | None = None,
-                 storage_options: dict | None = None, resume: bool = False, checkpoint_every: int = 1,
-                 progress: bool = True, on_epoch=None, start: np.ndarray | None = None) -> RunResult:
+                 storage_options: dict | None = None, resume: bool = False, checkpoint_every: int | None = None,
+                 checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS, progress: bool = True, on_epoch=None,
+                 start: np.ndarray | None = None) -> RunResult:
     """Train ``module`` on ``source`` (in place); see the module docstring.
+
+    Checkpoints (with ``checkpoint_uri``) are written every ``checkpoint_every`` epochs, or when it is
+    None once ``checkpoint_seconds`` of wall time have passed since the last.
 
     ``start`` ``[N, D]``: every cell's representation to continue from (fine-tuning a trained
     model); the PCA and mixture starts are skipped and the mixture keeps its trained state.
@@ -89,13 +94,12 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
     Under torch.distributed (Ray Train workers) this is one worker's part: it trains the
     representation rows of its own cells only, and needs ``checkpoint_uri`` to assemble them.
     """
-    from atlasdgd.train.checkpoint import Checkpoints, read_final_rows, write_final_rows
+    from atlasdgd.train.checkpoint import CheckpointSchedule, Checkpoints, read_final_rows, write_final_rows
 
     rank, world = sync.rank(), sync.world_size()
     if world > 1 and checkpoint_uri is None:
         raise AtlasDGDError("several workers need a checkpoint_uri (the model URI) to assemble the model")
-    if checkpoint_every < 1:
-        raise AtlasDGDError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    schedule = CheckpointSchedule(checkpoint_every, checkpoint_seconds)
     device = resolve_device(device)
     check_precision(cfg.precision)
     torch.manual_seed(cfg.seed)
@@ -137,12 +141,14 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
                         {"module": best["module"], "train": best.get("train"), "val": best.get("validation")}}
 
     def after_epoch(epoch, history, stopper):
-        if checkpoints is None or (epoch + 1) % checkpoint_every:
+        if checkpoints is None or not schedule.due(epoch):
             return
         snap = None if stopper is None else stopper.snapshot
         best = None if snap is None else {"module": snap["module"], "train": snap["train"], "validation": snap["val"]}
         checkpoints.save(epoch, trainer, mine, {"history": history,
-                                                "stopper": None if stopper is None else stopper.state_dict()}, best)
+                                                "stopper": None if stopper is None else stopper.state_dict()}, best,
+                         best_epoch=None if stopper is None else stopper.best_epoch)
+        schedule.written()
 
     history = trainer.fit(loader("train"), loader("validation") if has_val else None,
                           progress=progress and rank == 0, on_epoch=on_epoch, resume=resume_state,
