@@ -48,3 +48,12 @@ def test_gather_gives_a_leaf_that_collects_gradient():
     (z**2).sum().backward()
     torch.testing.assert_close(z.grad, 2 * torch.tensor([[4.0, 5.0], [0.0, 1.0]]))
     assert table.values.grad is None
+
+
+def test_releasing_the_optimizer_state_keeps_the_values():
+    table = RepresentationTable(torch.randn(50, 4))
+    table.step(torch.arange(10), torch.randn(10, 4))
+    before = table.values.clone()
+    table.release_optimizer_state()
+    torch.testing.assert_close(table.values, before, rtol=0, atol=0)
+    assert table.exp_avg.numel() == table.exp_avg_sq.numel() == table.steps.numel() == 0

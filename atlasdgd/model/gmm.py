@@ -72,11 +72,11 @@ class GaussianMixture(nn.Module):
         return self.log_weights()[classes] + log_n
 
     def cluster(self, z: torch.Tensor) -> torch.Tensor:
-        return self.joint_log_prob(z).argmax(dim=1)
+        return torch.cat([self.joint_log_prob(b).argmax(dim=1) for b in _blocks(z)])
 
     def posterior(self, z: torch.Tensor) -> torch.Tensor:
         """``[B, K]`` responsibilities p(k | z_i)."""
-        return torch.softmax(self.joint_log_prob(z), dim=1)
+        return torch.cat([torch.softmax(self.joint_log_prob(b), dim=1) for b in _blocks(z)])
 
     def hyperprior_log_prob(self) -> torch.Tensor:
         """log p(phi): softball on means + Dirichlet on weights + N(-2 log sigma0, 1) on log-precisions."""
@@ -186,3 +186,9 @@ class GaussianMixture(nn.Module):
                 comps = torch.full((n,), int(component), dtype=torch.long)
             std = torch.exp(-0.5 * self.log_precision.expand(self.n_components, self.dim))[comps]
             return self.means[comps] + std * torch.randn(n, self.dim, generator=generator)
+
+
+def _blocks(z: torch.Tensor, rows: int = 16_384) -> list[torch.Tensor]:
+    """Row blocks of ``z``: the component terms are ``[rows, K, L]``, so a whole atlas at once
+    (200k cells, K = 10, L = 20) would allocate ~0.5 GB of temporaries."""
+    return [z] if len(z) <= rows else list(torch.split(z, rows))

@@ -66,6 +66,13 @@ class RepresentationTable:
         self.exp_avg[index] = m
         self.exp_avg_sq[index] = v
 
+    def release_optimizer_state(self) -> None:
+        """Drop the Adam moments and step counts (two thirds of the table's memory) once no step
+        follows; the values stay."""
+        empty = self.values.new_zeros((0, self.dim))
+        self.exp_avg, self.exp_avg_sq = empty, empty
+        self.steps = self.steps.new_zeros(0)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"values": self.values, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}
 

@@ -155,6 +155,9 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
                           after_epoch=after_epoch)
     module.eval()
     module.autocast_dtype = None  # precision is a training setting: mapping and outputs run in fp32, as after load
+    for table in tables.values():  # no step follows: the moments would only raise the peak of what comes next
+        table.release_optimizer_state()
+    del trainer
     values = {s: to_numpy(tables[s].values) for s in SPLITS}
     if len(mine["test"]):  # held-out cells are mapped the way new cells are
         options = MappingOptions(lr=cfg.lr_representation, betas=cfg.betas, seed=cfg.seed, epochs=cfg.heldout_epochs)
