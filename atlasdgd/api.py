@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from atlasdgd.artifact import ModelFiles, Vocabulary, read_model, write_model
-from atlasdgd.errors import AtlasDGDError
+from atlasdgd.errors import AtlasDGDError, check_arguments
 from atlasdgd.infer.library import LibraryModel
 from atlasdgd.infer.mapping import MappingOptions, map_cells
 from atlasdgd.infer.new_classes import learn_query_classes
@@ -73,6 +73,10 @@ class DGD:
         storage_options: dict | None = None,
         **model_options,
     ):
+        explicit = {"data", "label_key", "covariate_keys", "modalities", "layer", "modality_key", "split_key",
+                    "split_fractions", "latent_dim", "n_components", "seed", "device", "storage_options"}
+        check_arguments("DGD()", model_options, explicit | set(ModelConfig.__dataclass_fields__)
+                        - {"modalities", "covariates"})
         self.device = resolve_device(device)  # before any work: a missing GPU fails here
         self.data = open_cells(data, label_key=label_key, covariate_keys=covariate_keys, modalities=modalities,
                                layer=layer, modality_key=modality_key, split_key=split_key,
@@ -120,6 +124,9 @@ class DGD:
         """
         if self.data is None:
             raise AtlasDGDError("this model has no training data attached (it was loaded): create DGD(data, ...) to train")
+        check_arguments("DGD.train()", train_options, set(TrainConfig.__dataclass_fields__)
+                        | {"progress", "on_epoch", "checkpoint_uri", "storage_options", "resume", "checkpoint_every",
+                           "checkpoint_seconds", "start"})
         cfg = TrainConfig(**{**self.train_config.to_dict(), **train_options})
         self.train_config = cfg
         labels = self.data.label_codes() if self.vocab.label_key else None
@@ -172,6 +179,90 @@ class DGD:
             out = self.module.log_fractions(on_device_of(self.module, representation))
         return {m: to_numpy(v) for m, v in out.items()}
 
+    # -- the scvi-tools shaped calls -------------------------------------------------------
+    def __repr__(self) -> str:
+        mc = self.model_config
+        mods = ", ".join(f"{m} ({n:,} features)" for m, n in mc.modalities.items())
+        cells = "not trained" if self.cells is None else f"{self.cells.n_obs:,} cells, {len(self.history)} epochs trained"
+        labels = (f"{len(self.vocab.labels)} labels from obs[{self.vocab.label_key!r}]" if self.vocab.label_key
+                  else "no labels")
+        covs = ", ".join(f"{k} ({len(v)} classes)" for k, v in self.vocab.covariates.items()) or "none"
+        return (f"DGD model: {mods}\n"
+                f"  cells: {cells}\n"
+                f"  mixture: {mc.n_components} components in {mc.latent_dim} dimensions; {labels}\n"
+                f"  covariates: {covs}\n"
+                f"  device: {self.device}")
+
+    def get_latent_representation(self, adata=None, *, covariates: bool = False, **map_options) -> np.ndarray:
+        """``[cells, latent_dim]`` basal representations: of the training cells (``adata`` None, in
+        the model's cell order) or of ``adata`` mapped with the frozen model (``map_options`` as
+        :meth:`map`). ``covariates=True`` appends each covariate's block (the full representation)."""
+        if adata is None:
+            self._require_trained()
+            return self.representation if covariates else self.cells.obsm[EMBEDDING_KEY].copy()
+        table = self.map(adata, **map_options)
+        parts = [table.obsm[EMBEDDING_KEY]]
+        if covariates:
+            parts += [table.obsm[f"{EMBEDDING_KEY}_{k}"] for k in self.model_config.covariates]
+        return np.concatenate(parts, axis=1)
+
+    def get_normalized_expression(self, adata=None, *, modality: str | None = None, library_size: float | None = None,
+                                  gene_list: list[str] | None = None, return_numpy: bool = False, **map_options):
+        """Decoded expression of every cell (training cells when ``adata`` is None, else ``adata``
+        mapped with the frozen model): fractions that sum to 1 over a modality's features, or scaled
+        to ``library_size`` counts. A cells x features DataFrame (``return_numpy``: an array), for
+        ``modality`` (default: the first) and optionally only the features in ``gene_list``."""
+        from atlasdgd.infer.expression import decoded_fractions
+
+        modality = modality or next(iter(self.model_config.modalities))
+        if modality not in self.model_config.modalities:
+            raise AtlasDGDError(f"unknown modality {modality!r}: the model has {list(self.model_config.modalities)}")
+        names = pd.Index(self.vocab.features[modality])
+        features = None
+        if gene_list is not None:
+            features = names.get_indexer(list(gene_list))
+            if (features < 0).any():
+                missing = [g for g, i in zip(gene_list, features) if i < 0]
+                raise AtlasDGDError(f"{len(missing)} of gene_list are not {modality} features of the model "
+                                    f"(for example {missing[0]!r})")
+            names = names[features]
+        if library_size is not None and not library_size > 0:
+            raise AtlasDGDError(f"library_size must be positive, got {library_size}")
+        if adata is None:
+            cells, z = self._require_trained().obs_names, self.representation
+        else:
+            cells, z = pd.Index(adata.obs_names), self.get_latent_representation(adata, covariates=True, **map_options)
+        values = decoded_fractions(self.module, z, modality, features)
+        if library_size is not None:
+            values *= np.float32(library_size)
+        return values if return_numpy else pd.DataFrame(values, index=cells, columns=names)
+
+    def differential_expression(self, groupby: str, group1=None, group2=None, *, delta: float = 0.25,
+                                n_samples: int = 5000, modality: str | list[str] | None = None,
+                                reference: dict[str, str] | None = None, seed: int = 0) -> pd.DataFrame:
+        """Differential expression between groups of the model's cells (an obs column ``groupby`` of
+        :meth:`embed`), from the decoder with covariates fixed to ``reference`` classes (default: each
+        covariate's first class), so batch differences between the groups do not count
+        (:mod:`atlasdgd.infer.de`). ``group1`` (a value or a list of values; None: every group in
+        turn, each against the rest) against ``group2`` (None: all other cells). Every modality
+        unless ``modality`` names some. One row per comparison and feature: group1, group2,
+        modality, feature, rank (by |log2fc|), log2fc (of the groups' mean fractions), lfc_mean,
+        lfc_std, proba_de = P(|log2 fold change| > ``delta``), bayes_factor, scale1, scale2 (mean
+        fractions)."""
+        from atlasdgd.infer.de import differential_expression
+
+        cells = self._require_trained()
+        names = list(self.model_config.modalities)
+        modalities = names if modality is None else ([modality] if isinstance(modality, str) else list(modality))
+        missing = [m for m in modalities if m not in names]
+        if missing:
+            raise AtlasDGDError(f"unknown modality {missing[0]!r}: the model has {names}")
+        pseudocount = {m: 0.5 / np.exp(self.library_model.median_log[m]) if self.library_model else 1e-6
+                       for m in modalities}
+        return differential_expression(self.module, cells.obs, cells.obsm[EMBEDDING_KEY], self.vocab, groupby, group1,
+                                       group2, modalities=modalities, pseudocount=pseudocount, delta=delta,
+                                       n_samples=n_samples, reference=reference, seed=seed)
+
     # -- new cells -------------------------------------------------------------------------
     def mapping_options(self, **overrides) -> MappingOptions:
         """Mapping settings: the model's representation learning rate and betas, then ``overrides``."""
@@ -200,8 +291,15 @@ class DGD:
         min_overlap: float = DEFAULT_MIN_OVERLAP,
         unknown_below: float = 0.0,
         progress: bool = True,
-    ) -> ad.AnnData:
+        inplace: bool = False,
+    ) -> ad.AnnData | None:
         """Representations, clusters and (with a labelled model) transferred labels for new cells.
+
+        Returns a new AnnData of the query's cells (obs and the results below, no counts); with
+        ``inplace=True`` writes into the query (an AnnData, or a MuData's global obs/obsm) instead and
+        returns None: ``obsm['X_dgd']``, ``obsm['X_dgd_<covariate>']``, ``obs['dgd_cluster']`` and, for
+        a labelled model, ``obs['dgd_label']``, ``obs['dgd_label_confidence']`` and
+        ``obsm['dgd_label_probabilities']``; nothing else in the query changes.
 
         Decoder and mixtures stay frozen. Covariate classes known to the model are used where the
         query's obs has them; other cells are searched over all classes ("naive" mapping). With
@@ -226,6 +324,11 @@ class DGD:
         table = mapped_cells_table(self.module, self.vocab, aligned.obs, mapping, labeller, unknown_below)
         if add_to_atlas:
             self.cells = append_cells(self.cells, table, self.vocab, self.model_config.n_components)
+        if inplace:
+            from atlasdgd.infer.expression import write_into
+
+            write_into(query, table, self.model_config.covariates)
+            return None
         return table
 
     def _label_transfer(self):

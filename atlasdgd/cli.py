@@ -171,6 +171,45 @@ def _add_perturb(sub) -> None:
     p.add_argument("--out", required=True, help="output table: .csv, .tsv or .parquet")
 
 
+def _add_de(sub) -> None:
+    p = sub.add_parser("de", help="differential expression between groups of the model's cells (every modality)")
+    _add_device(p)
+    p.add_argument("model", help="model directory, ATLAS or ATLAS@N")
+    p.add_argument("--groupby", required=True, help="obs column of the model's cells that defines the groups")
+    p.add_argument("--group1", action="append", default=None,
+                   help="group (repeatable: their union); default: every group in turn against the rest")
+    p.add_argument("--group2", action="append", default=None, help="group(s) to compare with (default: the rest)")
+    p.add_argument("--delta", type=float, default=0.25,
+                   help="log2 fold change that counts as a change for proba_de (default 0.25, as scVI)")
+    p.add_argument("--n-samples", type=int, default=5000, help="cell pairs drawn per comparison (default 5000)")
+    p.add_argument("--modality", action="append", default=None, help="only these modalities (default: all)")
+    p.add_argument("--reference", action="append", default=[], metavar="COVARIATE=CLASS",
+                   help="covariate class both groups are decoded at (default: each covariate's first class)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output table: .csv, .tsv or .parquet")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_de(args) -> None:
+    from atlasdgd.io.atomic import atomic_file
+
+    _check_outputs(args, args.out, suffixes=(".csv", ".tsv", ".parquet"))
+    if args.group2 and not args.group1:
+        raise AtlasDGDError("--group2 needs --group1")
+    model = _load_model(args.model, args.device)
+    table = model.differential_expression(args.groupby, args.group1, args.group2, delta=args.delta,
+                                          n_samples=args.n_samples, modality=args.modality,
+                                          reference=_pairs(args.reference, "--reference") or None, seed=args.seed)
+    with atomic_file(args.out, args.overwrite) as tmp:
+        if args.out.endswith(".parquet"):
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False, sep="\t" if args.out.endswith(".tsv") else ",")
+    comparisons = table[["group1", "group2"]].drop_duplicates()
+    print(f"wrote {len(table)} rows ({len(comparisons)} comparison(s) x features) to {args.out}")
+
+
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate synthetic cells from the model's mixture")
     _add_device(p)
@@ -218,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlasdgd", description="Deep Generative Decoder models for single-cell atlases")
     parser.add_argument("--version", action="version", version=f"atlasdgd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_simulate, _add_ingest, _add_train, _add_embed, _add_map, _add_predict, _add_perturb, _add_sample, _add_evaluate,
-                _add_demo, _add_atlas):
+    for add in (_add_simulate, _add_ingest, _add_train, _add_embed, _add_map, _add_predict, _add_perturb, _add_de,
+                _add_sample, _add_evaluate, _add_demo, _add_atlas):
         add(sub)
     return parser
 
@@ -596,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "train": cmd_train, "embed": cmd_embed, "map": cmd_map,
-               "predict": cmd_predict, "perturb": cmd_perturb, "sample": cmd_sample, "evaluate": cmd_evaluate,
+               "predict": cmd_predict, "perturb": cmd_perturb, "de": cmd_de, "sample": cmd_sample, "evaluate": cmd_evaluate,
                "demo": cmd_demo, "atlas": cmd_atlas}[args.command]
     try:
         ray_run = args.command == "train" and args.workers > 1  # the workers' devices are Ray's (--gpus)

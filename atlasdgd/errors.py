@@ -11,3 +11,22 @@ class InputError(AtlasDGDError, ValueError):
 
 class ModelFileError(AtlasDGDError, OSError):
     """A model directory is missing, incomplete or written by an incompatible version."""
+
+
+class ArgumentError(AtlasDGDError, TypeError):
+    """A call got a keyword argument it does not take (the message lists the valid ones)."""
+
+
+def check_arguments(call: str, given, valid) -> None:
+    """Refuse keyword arguments of ``call`` outside ``valid``, suggesting the closest valid names."""
+    import difflib
+
+    unknown = sorted(set(given) - set(valid))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ArgumentError(f"{call} got unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                        f"valid are: {', '.join(sorted(valid))}")
