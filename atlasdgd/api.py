@@ -34,6 +34,14 @@ from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.run import run_training
 
 
+def _named_parameters(function) -> set[str]:
+    """The keyword names a method takes itself (for the list of valid ones in an error)."""
+    import inspect
+
+    return {name for name, p in inspect.signature(function).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
 class DGD:
     """A Deep Generative Decoder model and the representations of the cells it was trained on.
 
@@ -73,10 +81,8 @@ class DGD:
         storage_options: dict | None = None,
         **model_options,
     ):
-        explicit = {"data", "label_key", "covariate_keys", "modalities", "layer", "modality_key", "split_key",
-                    "split_fractions", "latent_dim", "n_components", "seed", "device", "storage_options"}
-        check_arguments("DGD()", model_options, explicit | set(ModelConfig.__dataclass_fields__)
-                        - {"modalities", "covariates"})
+        check_arguments("DGD()", model_options, _named_parameters(DGD.__init__)
+                        | set(ModelConfig.__dataclass_fields__) - {"modalities", "covariates"})
         self.device = resolve_device(device)  # before any work: a missing GPU fails here
         self.data = open_cells(data, label_key=label_key, covariate_keys=covariate_keys, modalities=modalities,
                                layer=layer, modality_key=modality_key, split_key=split_key,
@@ -124,9 +130,7 @@ class DGD:
         """
         if self.data is None:
             raise AtlasDGDError("this model has no training data attached (it was loaded): create DGD(data, ...) to train")
-        check_arguments("DGD.train()", train_options, set(TrainConfig.__dataclass_fields__)
-                        | {"progress", "on_epoch", "checkpoint_uri", "storage_options", "resume", "checkpoint_every",
-                           "checkpoint_seconds", "start"})
+        check_arguments("DGD.train()", train_options, _named_parameters(DGD.train) | set(TrainConfig.__dataclass_fields__))
         cfg = TrainConfig(**{**self.train_config.to_dict(), **train_options})
         self.train_config = cfg
         labels = self.data.label_codes() if self.vocab.label_key else None
