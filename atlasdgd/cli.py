@@ -191,9 +191,18 @@ def _add_de(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def cmd_de(args) -> None:
+def _write_table(table, out: str, overwrite: bool) -> None:
+    """A results table as .csv, .tsv or .parquet, renamed into place when complete."""
     from atlasdgd.io.atomic import atomic_file
 
+    with atomic_file(out, overwrite) as tmp:
+        if out.endswith(".parquet"):
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False, sep="\t" if out.endswith(".tsv") else ",")
+
+
+def cmd_de(args) -> None:
     _check_outputs(args, args.out, suffixes=(".csv", ".tsv", ".parquet"))
     if args.group2 and not args.group1:
         raise AtlasDGDError("--group2 needs --group1")
@@ -201,11 +210,7 @@ def cmd_de(args) -> None:
     table = model.differential_expression(args.groupby, args.group1, args.group2, delta=args.delta,
                                           n_samples=args.n_samples, modality=args.modality,
                                           reference=_pairs(args.reference, "--reference") or None, seed=args.seed)
-    with atomic_file(args.out, args.overwrite) as tmp:
-        if args.out.endswith(".parquet"):
-            table.to_parquet(tmp, index=False)
-        else:
-            table.to_csv(tmp, index=False, sep="\t" if args.out.endswith(".tsv") else ",")
+    _write_table(table, args.out, args.overwrite)
     comparisons = table[["group1", "group2"]].drop_duplicates()
     print(f"wrote {len(table)} rows ({len(comparisons)} comparison(s) x features) to {args.out}")
 
@@ -562,8 +567,6 @@ def cmd_predict(args) -> None:
 
 
 def cmd_perturb(args) -> None:
-    from atlasdgd.io.atomic import atomic_file
-
     _check_outputs(args, args.out, suffixes=(".csv", ".tsv", ".parquet"))
     if args.steps < 1:
         raise AtlasDGDError(f"--steps must be >= 1, got {args.steps}")
@@ -572,11 +575,7 @@ def cmd_perturb(args) -> None:
     kw = _mapping_kwargs(args)
     table = model.perturb(query, genes, group_by=args.group_by, steps=args.steps, lr=args.lr, epochs=kw["epochs"],
                           progress=not args.quiet, **_query_kwargs(args))
-    with atomic_file(args.out, args.overwrite) as tmp:
-        if args.out.endswith(".parquet"):
-            table.to_parquet(tmp, index=False)
-        else:
-            table.to_csv(tmp, index=False, sep="\t" if args.out.endswith(".tsv") else ",")
+    _write_table(table, args.out, args.overwrite)
     print(f"wrote {len(table)} rows ({len(genes)} genes x groups x features) to {args.out}")
 
 
