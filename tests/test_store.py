@@ -233,6 +233,46 @@ def test_batches_carry_counts_libraries_and_covariates_of_their_cells(store):
     np.testing.assert_array_equal(batch.covariates.numpy(), cells.covariate_codes()[idx])
 
 
+def test_concurrent_reads_and_zarrs_codecs_give_exactly_the_default_pipelines_counts(store, monkeypatch):
+    # the loader reads a window's chunks concurrently through zarrs when it is installed; the counts must
+    # be those of zarr's own pipeline read one block at a time, and zarr's global config must not change
+    import zarr
+
+    from atlasdgd.store import zarr_store
+
+    pytest.importorskip("zarrs", reason="zarrs is not installed: only zarr's own pipeline to compare")
+    before = zarr.config.get("codec_pipeline.path")
+    fast = open_store(str(store))
+    assert type(fast.store._data["rna"]._async_array.codec_pipeline).__name__ == "ZarrsCodecPipeline"
+    assert zarr.config.get("codec_pipeline.path") == before
+    monkeypatch.setattr(zarr_store, "fast_codecs", lambda: __import__("contextlib").nullcontext())
+    plain = open_store(str(store))
+    assert type(plain.store._data["rna"]._async_array.codec_pipeline).__name__ != "ZarrsCodecPipeline"
+    rng = np.random.default_rng(0)
+    blocks = [np.sort(rng.choice(fast.n_cells, 300, replace=False)), np.arange(100, 900), np.arange(5, 6)]
+    for m in fast.modalities:
+        got = fast.read_row_blocks(m, blocks)
+        for rows, block in zip(blocks, got):
+            want = plain.read_rows(m, rows)
+            np.testing.assert_array_equal(block.toarray(), want.toarray())
+
+
+def test_window_blocks_join_into_one_csr_like_scipys_vstack():
+    from atlasdgd.data.loader import _CSR, _stack_csr
+
+    rng = np.random.default_rng(1)
+    parts = [sparse.random(n, 30, density=0.2, format="csr", random_state=rng, dtype=np.float32)
+             for n in (5, 0, 17, 1)]
+    want = sparse.vstack(parts, format="csr").toarray()
+    np.testing.assert_array_equal(_stack_csr(parts).toarray(), want)
+    # blocks handed out as views of a larger read: indptr starts past 0, data/indices hold more
+    views = [_CSR(np.r_[np.float32(7), p.data, np.float32(9)], np.r_[np.int32(0), p.indices, np.int32(0)],
+                  p.indptr + 1) for p in parts]
+    plain = _stack_csr(views)
+    np.testing.assert_array_equal(sparse.csr_matrix((plain.data, plain.indices, plain.indptr), shape=want.shape).toarray(),
+                                  want)
+
+
 def _dense_nonzeros(x: torch.Tensor):
     rows, cols = torch.nonzero(x, as_tuple=True)
     return rows.numpy(), cols.numpy(), x[rows, cols].numpy()
@@ -439,3 +479,4 @@ def test_ingest_keeps_every_obs_column_so_a_later_label_key_works(tmp_path):
     np.testing.assert_array_equal(obs["flag"].to_numpy(), data.obs["flag"].to_numpy())
     np.testing.assert_array_equal(obs["note"].isna().to_numpy(), pd.isna(note))
     assert len(np.unique(cells.label_codes())) == 3
+

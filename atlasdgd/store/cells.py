@@ -61,6 +61,12 @@ class StoreCells(CellTable, LoadsBatches):
     def read_rows(self, modality: str, rows: np.ndarray) -> sparse.csr_matrix:
         return self.store.read_rows(modality, np.sort(rows))
 
+    def read_row_blocks(self, modality: str, blocks: list[np.ndarray]) -> list[sparse.csr_matrix]:
+        """Several blocks of rows at once: concurrently where the store can (zarr), else one by one."""
+        if hasattr(self.store, "read_row_blocks"):
+            return self.store.read_row_blocks(modality, [np.sort(b) for b in blocks])
+        return [self.read_rows(modality, b) for b in blocks]
+
 
 def open_store(uri: str, storage_options: dict | None = None, **kwargs) -> StoreCells:
     """A store URI as training data: the zarr format, or a TileDB-SOMA experiment (``soma://`` prefix or

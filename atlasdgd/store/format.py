@@ -10,7 +10,7 @@
       mod/<modality>/              a complete AnnData group: anndata.read_zarr(STORE/mod/rna) opens it
         X/                         CSR in anndata's encoding (indptr int64, indices int32, data
                                    float32); data/indices chunked and sharded along cells (chunks of
-                                   about ``chunk_cells`` cells' non-zeros, ``shard_chunks`` per shard),
+                                   at most 256k non-zeros, ``shard_chunks`` per shard),
                                    Blosc lz4 + byte shuffle
         obs/                       cell ids only
         var/                       feature names; n_cells_detected, total_counts
@@ -51,7 +51,7 @@ class StoreManifest:
     covariate_keys: list[str] = field(default_factory=list)
     obs_columns: list[str] = field(default_factory=list)
     chunk_cells: int = 4096
-    shard_chunks: int = 8
+    shard_chunks: int = 32
     shuffled: bool = False
     order: str = "input"  # "input", "shuffle" or "split" (see atlasdgd.store.ingest.ORDERS)
     min_cells_fraction: float = 0.0
