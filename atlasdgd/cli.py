@@ -61,7 +61,7 @@ def _add_ingest(sub) -> None:
     p.add_argument("--label-key", help="obs column with cell-type labels to carry")
     p.add_argument("--covariate-key", action="append", default=[], help="obs column of a covariate (repeatable)")
     p.add_argument("--split-key", help="obs column with train/validation/test (default: stratified 80/10/10)")
-    p.add_argument("--layer", help="layer with raw counts instead of X")
+    p.add_argument("--layer", help="layer with raw counts instead of X (for a SOMA query: the X layer, default counts)")
     p.add_argument("--shuffle", action="store_true", help="store cells in a seeded random order (--order shuffle)")
     p.add_argument("--order", choices=["input", "shuffle", "split"], default=None,
                    help="cell order in the store: input (default), shuffle, or split = [train | validation | "
@@ -83,7 +83,7 @@ def _add_train(sub) -> None:
     p.add_argument("--label-key", help="obs column with cell-type labels (sets the number of mixture components)")
     p.add_argument("--covariate-key", action="append", default=[], help="obs column of a batch-like covariate (repeatable)")
     p.add_argument("--modality", action="append", default=None, help="modality to use (repeatable; default all)")
-    p.add_argument("--layer", help="layer with raw counts instead of X")
+    p.add_argument("--layer", help="layer with raw counts instead of X (for a SOMA query: the X layer, default counts)")
     p.add_argument("--modality-key", help="var column naming each feature's modality (AnnData with several modalities)")
     p.add_argument("--split-key", help="obs column with train/validation/test (default: stratified 80/10/10)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 1000; early stopping decides)")
@@ -120,15 +120,16 @@ def _add_embed(sub) -> None:
     p = sub.add_parser("embed", help="write the trained cells' representations and clusters to .h5ad")
     _add_device(p)
     p.add_argument("model", help="model directory")
-    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--out", required=True,
+                   help="output .h5ad, .h5mu, or the SOMA experiment the model was trained from (results into its obs/obsm)")
     p.add_argument("--overwrite", action="store_true")
 
 
 def _add_query_options(p, epochs_help: str = "refinement epochs after the candidate search (default 20)") -> None:
     p.add_argument("model", help="model directory written by 'atlasdgd train'")
-    p.add_argument("query", help="query .h5ad / .h5mu / AnnData .zarr with raw counts")
+    p.add_argument("query", help="query .h5ad / .h5mu / AnnData .zarr / TileDB-SOMA experiment (soma://PATH) with raw counts")
     p.add_argument("--epochs", type=int, default=20, help=epochs_help)
-    p.add_argument("--layer", help="layer with raw counts instead of X")
+    p.add_argument("--layer", help="layer with raw counts instead of X (for a SOMA query: the X layer, default counts)")
     p.add_argument("--modality", help="model modality an AnnData query holds (default: the one sharing most feature names)")
     p.add_argument("--modality-key", help="var column naming each feature's modality (AnnData with several)")
     p.add_argument("--min-overlap", type=float, default=0.5,
@@ -144,7 +145,9 @@ def _add_map(sub) -> None:
     p = sub.add_parser("map", help="map new cells into a trained model: representations, clusters, labels")
     _add_device(p)
     _add_query_options(p)
-    p.add_argument("--out", required=True, help="output .h5ad (obsm X_dgd; obs dgd_cluster, dgd_label, ...)")
+    p.add_argument("--out", required=True,
+                   help="output .h5ad (obsm X_dgd; obs dgd_cluster, dgd_label, ...), .h5mu (the query's modalities with "
+                        "the results in the global obs/obsm), or the SOMA experiment the query was read from")
     p.add_argument("--new-covariate-classes", action="store_true",
                    help="learn one new covariate component per unseen class (else unseen classes map naively)")
     p.add_argument("--save-model", help="write the model (with learned new classes) to this directory")
@@ -375,16 +378,48 @@ def cmd_train(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    import anndata as ad
-
-    from atlasdgd import DGD
-    from atlasdgd.io.atomic import atomic_file, check_writable_target
-
-    check_writable_target(args.out, args.overwrite)
+    if _is_soma_target(args.out):
+        cells = _load_model(args.model, args.device).embed()
+        written = _write_soma(cells, args.out, args.overwrite)
+        print(f"wrote {cells.n_obs} cells' results into {args.out} ({written})")
+        return
+    _check_outputs(args, args.out, suffixes=(".h5ad", ".h5mu"))
     cells = _load_model(args.model, args.device).embed()
-    with atomic_file(args.out, args.overwrite) as tmp:
-        ad.AnnData.write_h5ad(cells, tmp)
+    _write_results(cells, args.out, args.overwrite)
     print(f"wrote {cells.n_obs} cells to {args.out} (obsm: {', '.join(cells.obsm)}; obs: dgd_cluster, dgd_split)")
+
+
+def _is_soma_target(path: str) -> bool:
+    from atlasdgd.store.soma import SCHEME, is_soma
+
+    return str(path).startswith(SCHEME) or is_soma(path)
+
+
+def _write_soma(table, uri: str, overwrite: bool) -> dict:
+    from atlasdgd.store.soma import write_soma_results
+
+    return write_soma_results(uri, table, overwrite=overwrite)
+
+
+def _write_results(table, path: str, overwrite: bool, query=None, modality: str = "rna") -> None:
+    """Results to .h5ad (the table itself) or .h5mu: the query's modalities (an AnnData query as
+    ``modality``) with the results in the MuData's global obs/obsm, where muon keeps joint
+    embeddings; without a query (``embed``) the table is the one modality, ``dgd``."""
+    if str(path).endswith(".h5mu"):
+        import mudata
+
+        from atlasdgd.io.atomic import atomic_file
+
+        md = query if query is not None and hasattr(query, "mod") else None
+        if md is None:
+            md = mudata.MuData({"dgd": table} if query is None else {modality: query})
+            md.obs = md.obs.join(table.obs[[c for c in table.obs if c not in md.obs]])
+            for k, v in table.obsm.items():
+                md.obsm[k] = v
+        with atomic_file(path, overwrite) as tmp:
+            md.write_h5mu(tmp)
+        return
+    _write_h5ad(table, path, overwrite)
 
 
 def _load_model(ref: str, device):
@@ -485,6 +520,10 @@ def _load_for_query(args):
     if getattr(args, "epochs", 1) is not None and args.epochs < 0:
         raise AtlasDGDError(f"--epochs must be >= 0, got {args.epochs}")
     model = _load_model(args.model, args.device)
+    if _is_soma_target(args.query):
+        from atlasdgd.store.soma import read_soma_query
+
+        return model, read_soma_query(args.query, layer=getattr(args, "layer", None))
     if not Path(args.query).exists():
         raise AtlasDGDError(f"query {args.query!r} does not exist")
     query = read_input(args.query)
@@ -540,17 +579,39 @@ def cmd_map(args) -> None:
 
     if not 0.0 <= args.unknown_below <= 1.0:
         raise AtlasDGDError(f"--unknown-below must be a probability in [0, 1], got {args.unknown_below}")
-    _check_outputs(args, args.out, suffixes=(".h5ad",))
+    into_soma = _is_soma_target(args.out)
+    if into_soma and not _is_soma_target(args.query):
+        raise AtlasDGDError(f"--out {args.out!r} is a SOMA experiment: results go back into the experiment the query "
+                            "was read from (pass it as the query), or to an .h5ad/.h5mu file")
+    if not into_soma:
+        _check_outputs(args, args.out, suffixes=(".h5ad", ".h5mu"))
     if args.save_model:
         check_writable_target(args.save_model, args.overwrite)
     elif args.add_to_atlas:
         raise AtlasDGDError("--add-to-atlas needs --save-model DIR (the model directory to write)")
     model, query = _load_for_query(args)
+    kwargs = _mapping_kwargs(args)
+    if _is_soma_target(args.query):
+        kwargs["layer"] = None  # read_soma_query took the counts from --layer already
     mapped = model.map(query, new_covariate_classes=args.new_covariate_classes, add_to_atlas=args.add_to_atlas,
-                       unknown_below=args.unknown_below, progress=not args.quiet, **_mapping_kwargs(args))
-    _write_h5ad(mapped, args.out, args.overwrite)
-    extra = ", dgd_label, dgd_label_confidence" if "dgd_label" in mapped.obs else ""
-    print(f"mapped {mapped.n_obs} cells to {args.out} (obsm: {', '.join(mapped.obsm)}; obs: dgd_cluster{extra})")
+                       unknown_below=args.unknown_below, progress=not args.quiet, **kwargs)
+    if into_soma:
+        written = _write_soma(mapped, args.out, args.overwrite)
+        print(f"mapped {mapped.n_obs} cells into {args.out} ({written})")
+    else:
+        if str(args.out).endswith(".h5mu"):
+            from atlasdgd.infer.query import _best_matching_modality
+
+            modality = args.modality or _best_matching_modality(query, model.vocab.features, args.modality_key)
+            if hasattr(query, "mod"):  # the results go into the query's own MuData (global obs/obsm)
+                from atlasdgd.infer.expression import write_into
+
+                write_into(query, mapped, model.model_config.covariates)
+            _write_results(mapped, args.out, args.overwrite, query=query, modality=modality)
+        else:
+            _write_h5ad(mapped, args.out, args.overwrite)
+        extra = ", dgd_label, dgd_label_confidence" if "dgd_label" in mapped.obs else ""
+        print(f"mapped {mapped.n_obs} cells to {args.out} (obsm: {', '.join(mapped.obsm)}; obs: dgd_cluster{extra})")
     if args.save_model:
         model.save(args.save_model, overwrite=args.overwrite)
         print(f"model with covariate classes {model.vocab.covariates} written to {args.save_model}")

@@ -480,3 +480,59 @@ def test_ingest_keeps_every_obs_column_so_a_later_label_key_works(tmp_path):
     np.testing.assert_array_equal(obs["note"].isna().to_numpy(), pd.isna(note))
     assert len(np.unique(cells.label_codes())) == 3
 
+
+def test_embed_and_map_write_back_into_soma_and_h5mu(h5mu, tmp_path):
+    # results go back where the user's cells live: the SOMA experiment the model was trained from or the
+    # query was read from (obsm per measurement, obs columns), or an .h5mu with the query's modalities
+    import tiledbsoma
+    import tiledbsoma.io as soma_io
+
+    import atlasdgd
+
+    exp = tmp_path / "a.soma"
+    assert main(["ingest", str(h5mu), f"soma://{exp}", "--label-key", "cell_type", "--covariate-key", "batch",
+                 "--quiet"]) == 0
+    model_dir = tmp_path / "m"
+    assert main(["train", f"soma://{exp}", "--out", str(model_dir), "--epochs", "2", "--min-epochs", "1",
+                 "--quiet"]) == 0
+    model = atlasdgd.DGD.load(str(model_dir))
+    want = model.embed()
+    assert main(["embed", str(model_dir), "--out", f"soma://{exp}"]) == 0
+    with tiledbsoma.Experiment.open(str(exp)) as e:
+        back = soma_io.to_anndata(e, "rna", X_layer_name="counts")
+    back = back[want.obs_names]
+    np.testing.assert_allclose(back.obsm["X_dgd"], want.obsm["X_dgd"], rtol=0, atol=0)
+    np.testing.assert_allclose(back.obsm["X_dgd_batch"], want.obsm["X_dgd_batch"], rtol=0, atol=0)
+    np.testing.assert_array_equal(back.obs["dgd_cluster"].astype(str), want.obs["dgd_cluster"].astype(str))
+    assert back.obs["cell_type"].astype(str).tolist() == read_input(h5mu).obs.loc[want.obs_names, "cell_type"].astype(str).tolist()
+    # writing again without --overwrite is refused before anything is written; with it, it succeeds
+    assert main(["embed", str(model_dir), "--out", f"soma://{exp}"]) == 2
+    assert main(["embed", str(model_dir), "--out", f"soma://{exp}", "--overwrite"]) == 0
+
+    # map a SOMA query, results into the same experiment, equal to the API on the same counts
+    assert main(["map", str(model_dir), f"soma://{exp}", "--layer", "raw", "--out", f"soma://{exp}",
+                 "--overwrite", "--epochs", "1", "--two-step", "0", "--quiet"]) == 2  # no such layer
+    assert main(["map", str(model_dir), f"soma://{exp}", "--out", f"soma://{exp}", "--overwrite", "--epochs", "1",
+                 "--two-step", "0", "--quiet"]) == 0
+    from atlasdgd.store.soma import read_soma_query
+
+    query = read_soma_query(f"soma://{exp}", layer="counts")
+    api = atlasdgd.DGD.load(str(model_dir)).map(query, epochs=1, two_step=0, progress=False)
+    with tiledbsoma.Experiment.open(str(exp)) as e:
+        back = soma_io.to_anndata(e, "rna", X_layer_name="counts")[api.obs_names]
+    np.testing.assert_allclose(back.obsm["X_dgd"], api.obsm["X_dgd"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(back.obs["dgd_label"].astype(str), api.obs["dgd_label"].astype(str))
+
+    # an .h5mu query mapped to .h5mu keeps its modalities and gets the results in global obs/obsm
+    out = tmp_path / "mapped.h5mu"
+    assert main(["map", str(model_dir), str(h5mu), "--out", str(out), "--epochs", "1", "--two-step", "0", "--quiet"]) == 0
+    md = mudata.read_h5mu(out)
+    assert set(md.mod) == {"rna", "atac"} and md["rna"].X.sum() == read_input(h5mu)["rna"].X.sum()
+    assert md.obsm["X_dgd"].shape == (md.n_obs, model.model_config.latent_dim) and "dgd_label" in md.obs
+    # results of other cells are refused by the experiment
+    other = api[:5].copy()
+    other.obs_names = [f"stranger{i}" for i in range(5)]
+    from atlasdgd.store.soma import write_soma_results
+
+    with pytest.raises(StoreError, match="not in"):
+        write_soma_results(f"soma://{exp}", other, overwrite=True)

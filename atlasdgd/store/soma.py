@@ -205,3 +205,100 @@ def ingest_soma(input_path: str, uri: str, *, label_key: str | None = None, cova
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return str(path)
+
+
+def read_soma_query(uri: str, layer: str | None = None, measurements: list[str] | None = None):
+    """A SOMA experiment as query data: AnnData for one measurement, MuData for several, counts from X
+    ``layer`` (default: the layer atlasdgd ingested, else ``counts``). Read into memory, like an .h5ad
+    query; cell ids are the experiment's obs ids, so results can be written back
+    (:func:`write_soma_results`)."""
+    import json
+
+    import tiledbsoma
+    import tiledbsoma.io as soma_io
+
+    path = _path(uri)
+    try:
+        with tiledbsoma.Experiment.open(path) as exp:
+            names = measurements or list(exp.ms.keys())
+            layer = layer or json.loads(exp.metadata.get(META_KEY, "{}")).get("layer", DEFAULT_LAYER)
+            for m in names:
+                if m not in exp.ms:
+                    raise StoreError(f"{uri!r} has no measurement {m!r} (it has {list(exp.ms.keys())})")
+                if layer not in exp.ms[m].X:
+                    raise StoreError(f"measurement {m!r} of {uri!r} has no X layer {layer!r} "
+                                     f"(layers: {list(exp.ms[m].X.keys())}): pass --layer NAME")
+            mods = {m: soma_io.to_anndata(exp, m, X_layer_name=layer) for m in names}
+    except StoreError:
+        raise
+    except Exception as e:
+        raise StoreError(f"cannot read the SOMA experiment {uri!r}: {e}") from e
+    for a in mods.values():
+        a.obs_names = a.obs_names.astype(str)
+        a.X = sparse.csr_matrix(a.X) if a.X is not None else None
+    if len(mods) == 1:
+        return next(iter(mods.values()))
+    import mudata
+
+    md = mudata.MuData(mods)
+    md.obs = next(iter(mods.values())).obs.reindex(md.obs_names)  # one obs per experiment, shared by all
+    return md
+
+
+def write_soma_results(uri: str, table, measurement: str | None = None, overwrite: bool = False) -> dict:
+    """Write a results table (obs columns starting ``dgd_`` but the split, obsm arrays; from
+    ``DGD.map``/``embed``)
+    into the SOMA experiment its cells come from: obs columns into the experiment's obs, obsm arrays
+    into ``measurement``'s obsm (default: every measurement's, so each modality's AnnData view has
+    them; they are cells x a few columns). Everything is checked before anything is
+    written (every cell id known, no existing key replaced without ``overwrite``); SOMA has no
+    multi-array transaction, so the obsm arrays are written first and obs last. Cells of the
+    experiment missing from ``table`` get missing values. Returns what was written."""
+    import tiledbsoma
+    import tiledbsoma.io as soma_io
+
+    path = _path(uri)
+    # results only: the split is the experiment's own (written at ingest or drawn when opened)
+    new_cols = [c for c in table.obs.columns if str(c).startswith("dgd_") and c != SPLIT_KEY]
+    with tiledbsoma.Experiment.open(path) as exp:
+        targets = [measurement] if measurement else list(exp.ms.keys())
+        for m in targets:
+            if m not in exp.ms:
+                raise StoreError(f"{uri!r} has no measurement {m!r} (it has {list(exp.ms.keys())})")
+        obs = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
+        id_col = _id_column(obs, "obs_id")
+        ids = obs[id_col].astype(str).to_numpy()
+        existing = {m: list(exp.ms[m].obsm.keys()) if "obsm" in exp.ms[m] else [] for m in targets}
+    position = pd.Index(ids).get_indexer(table.obs_names.astype(str))
+    if (position < 0).any():
+        missing = list(table.obs_names[position < 0][:5])
+        raise StoreError(f"{int((position < 0).sum())} cells of the results are not in {uri!r} (e.g. {missing}): "
+                         "write them to the experiment they were read from, or to an .h5ad/.h5mu")
+    with tiledbsoma.Experiment.open(path) as exp:
+        widths = {(m, k): exp.ms[m].obsm[k].shape[1] for m in targets for k in table.obsm if k in existing[m]}
+    wrong = [f"{m}/{k}" for (m, k), w in widths.items() if w != np.asarray(table.obsm[k]).shape[1]]
+    if wrong:
+        raise StoreError(f"{uri!r} has obsm arrays {wrong} of another width (another model's results): remove them first")
+    clash = sorted({k for m in targets for k in table.obsm if k in existing[m]} | {c for c in new_cols if c in obs.columns})
+    if clash and not overwrite:
+        raise StoreError(f"{uri!r} already has {clash}: pass --overwrite to replace them")
+    for key, value in table.obsm.items():
+        full = np.full((len(ids), np.asarray(value).shape[1]), np.nan, dtype=np.float32)
+        full[position] = np.asarray(value, dtype=np.float32)
+        for m in targets:
+            # one open per array: tiledbsoma closes the obsm collection it creates on the first write
+            with tiledbsoma.Experiment.open(path, "w") as exp:
+                if key in existing[m]:
+                    soma_io.update_matrix(exp.ms[m].obsm[key], full)
+                else:
+                    soma_io.add_matrix_to_collection(exp, m, "obsm", key, full)
+    updated = obs.drop(columns=["soma_joinid"]).set_index(id_col)
+    for c in new_cols:
+        col = table.obs[c]
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            col = col.astype(str)  # SOMA stores categories per value; missing cells become ""
+        values = pd.Series(col.to_numpy(), index=table.obs_names.astype(str)).reindex(updated.index)
+        updated[c] = values.fillna("") if values.dtype == object else values
+    with tiledbsoma.Experiment.open(path, "w") as exp:
+        soma_io.update_obs(exp, updated.reset_index(), default_index_name=id_col)
+    return {"obs": new_cols, "obsm": {m: list(table.obsm) for m in targets}}
