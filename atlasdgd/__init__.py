@@ -10,9 +10,10 @@ import importlib
 import sys
 import types
 
-from atlasdgd.runtime.threads import prefer_passive_waiting
+from atlasdgd.runtime.threads import limit_malloc_arenas, prefer_passive_waiting
 
 prefer_passive_waiting()  # before anything imports torch: OpenMP reads it once (see runtime/threads.py)
+limit_malloc_arenas()  # before any thread allocates: arenas are taken at a thread's first allocation
 
 __version__ = "0.1.0"
 

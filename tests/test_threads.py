@@ -28,3 +28,18 @@ def test_too_late_once_torch_is_loaded_so_the_environment_is_left_alone():
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True,
                          timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "None"  # set now, it would claim an effect it cannot have
+
+
+def test_malloc_arenas_are_capped_unless_the_user_chose(monkeypatch):
+    import platform
+
+    from atlasdgd.runtime.threads import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False  # the user's choice is kept
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("ATLASDGD_MALLOC_ARENAS", "default")
+    assert limit_malloc_arenas() is False
+    monkeypatch.delenv("ATLASDGD_MALLOC_ARENAS")
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert limit_malloc_arenas() is glibc
