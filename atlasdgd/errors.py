@@ -17,6 +17,11 @@ class ArgumentError(AtlasDGDError, TypeError):
     """A call got a keyword argument it does not take (the message lists the valid ones)."""
 
 
+def missing_extra(feature: str, package: str, extra: str) -> AtlasDGDError:
+    """The error for an optional dependency that is not installed, naming the extra that brings it."""
+    return AtlasDGDError(f"{feature} needs {package}, which is not installed: pip install 'atlasdgd[{extra}]'")
+
+
 def check_arguments(call: str, given, valid) -> None:
     """Refuse keyword arguments of ``call`` outside ``valid``, suggesting the closest valid names."""
     import difflib

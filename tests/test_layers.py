@@ -170,3 +170,26 @@ def test_the_gpu_check_runs_with_torch_and_numpy_alone():
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["init"] == "zero" and len(summary["cpu_losses"]) == 1
     assert summary["cells_per_s"]["128"]["cpu"] > 0
+
+
+def test_a_missing_extra_is_named_in_the_error(tmp_path):
+    """Ray, TileDB-SOMA and s3fs are extras: without them the rest works and each use names its extra."""
+    blocker = BLOCKED_CORE.split("import numpy as np, torch")[0].replace(repr(HEAVY), repr({"ray", "tiledbsoma", "s3fs"}))
+    script = blocker + f'''
+from atlasdgd.cli import main
+from atlasdgd.simulate import SimulationConfig, write_simulation
+write_simulation(SimulationConfig(n_cells=200, n_types=2, n_batches=2, n_genes=30, n_peaks=0, seed=0),
+                 {str(tmp_path / "a.h5ad")!r}, progress=False)
+assert main(["ingest", {str(tmp_path / "a.h5ad")!r}, {str(tmp_path / "a.zarr")!r}, "--quiet"]) == 0
+codes = [
+    main(["train", {str(tmp_path / "a.zarr")!r}, "--out", {str(tmp_path / "m")!r}, "--workers", "2", "--quiet"]),
+    main(["ingest", {str(tmp_path / "a.h5ad")!r}, "soma://{tmp_path / "a.soma"}", "--quiet"]),
+    main(["ingest", {str(tmp_path / "a.h5ad")!r}, "s3://bucket/a.zarr", "--quiet"]),
+]
+print("CODES", codes)
+'''
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "CODES [2, 2, 2]" in result.stdout, result.stdout + result.stderr
+    for extra in ("ray", "soma", "s3"):
+        assert f"pip install 'atlasdgd[{extra}]'" in result.stderr, result.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "a.soma").exists()

@@ -17,4 +17,6 @@ def filesystem(uri: str, storage_options: dict | None = None, error: type[Except
     try:
         return fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
     except (ImportError, ValueError) as e:
-        raise error(f"cannot open {uri!r}: {e} (install the fsspec backend for this protocol, e.g. s3fs for s3://)") from e
+        extra = " (pip install 'atlasdgd[s3]')" if str(uri).startswith(("s3://", "s3a://")) else ""
+        raise error(f"cannot open {uri!r}: {e}: install the fsspec backend for this protocol, e.g. s3fs for "
+                    f"s3://{extra}") from e

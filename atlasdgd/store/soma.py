@@ -17,12 +17,23 @@ import pandas as pd
 from scipy import sparse
 
 from atlasdgd.data.cells import SPLIT_KEY
+from atlasdgd.errors import missing_extra
 from atlasdgd.data.split import as_split_categorical, stratified_split
 from atlasdgd.store.format import StoreError, StoreManifest
 
 SCHEME = "soma://"
 DEFAULT_LAYER = "counts"
 META_KEY = "atlasdgd"  # experiment metadata: label and covariate keys, chunking
+
+
+def _soma():
+    """tiledbsoma (with its io module), or an error naming the extra that installs it."""
+    try:
+        import tiledbsoma
+        import tiledbsoma.io  # noqa: F401
+    except ImportError as e:
+        raise missing_extra("TileDB-SOMA experiments", "tiledbsoma", "soma") from e
+    return tiledbsoma
 
 
 def is_soma(uri: str) -> bool:
@@ -46,7 +57,7 @@ class SomaAtlasStore:
                  chunk_cells: int = 4096, seed: int = 0):
         import json
 
-        import tiledbsoma
+        tiledbsoma = _soma()
 
         self.uri, self.path = str(uri), _path(uri)
         self._exp, self._pid = None, None
@@ -109,7 +120,7 @@ class SomaAtlasStore:
         return len(self.var[modality])
 
     def _experiment(self):
-        import tiledbsoma
+        tiledbsoma = _soma()
 
         if self._exp is None or self._pid != os.getpid():  # never reuse a handle across processes
             self._exp, self._pid = tiledbsoma.Experiment.open(self.path), os.getpid()
@@ -163,8 +174,8 @@ def ingest_soma(input_path: str, uri: str, *, label_key: str | None = None, cova
 
     import anndata as ad
     import pyarrow as pa
-    import tiledbsoma
-    import tiledbsoma.io as soma_io
+    tiledbsoma = _soma()
+    soma_io = tiledbsoma.io
 
     from atlasdgd.data.adapters import prepare, read_input
 
@@ -214,8 +225,8 @@ def read_soma_query(uri: str, layer: str | None = None, measurements: list[str] 
     (:func:`write_soma_results`)."""
     import json
 
-    import tiledbsoma
-    import tiledbsoma.io as soma_io
+    tiledbsoma = _soma()
+    soma_io = tiledbsoma.io
 
     path = _path(uri)
     try:
@@ -254,8 +265,8 @@ def write_soma_results(uri: str, table, measurement: str | None = None, overwrit
     written (every cell id known, no existing key replaced without ``overwrite``); SOMA has no
     multi-array transaction, so the obsm arrays are written first and obs last. Cells of the
     experiment missing from ``table`` get missing values. Returns what was written."""
-    import tiledbsoma
-    import tiledbsoma.io as soma_io
+    tiledbsoma = _soma()
+    soma_io = tiledbsoma.io
 
     path = _path(uri)
     # results only: the split is the experiment's own (written at ingest or drawn when opened)
