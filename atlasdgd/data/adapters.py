@@ -35,17 +35,26 @@ def modality_name(feature_type: str) -> str:
 
 
 def read_input(path: str | Path) -> ad.AnnData | Any:
-    """Open an .h5ad, .h5mu or AnnData .zarr file."""
+    """Open an .h5ad, .h5mu or AnnData .zarr file; a file that is not what its name says is an
+    InputError naming the format expected, not a reader's traceback."""
     p = str(path)
     if p.endswith(".h5mu"):
         import mudata
 
-        return mudata.read_h5mu(p)
-    if p.endswith(".h5ad"):
-        return ad.read_h5ad(p)
-    if p.rstrip("/").endswith(".zarr"):
-        return ad.read_zarr(p)
-    raise InputError(f"cannot tell the format of {p!r}: use a file ending in .h5ad, .h5mu or .zarr")
+        reader, kind = mudata.read_h5mu, "a MuData .h5mu (HDF5) file"
+    elif p.endswith(".h5ad"):
+        reader, kind = ad.read_h5ad, "an AnnData .h5ad (HDF5) file"
+    elif p.rstrip("/").endswith(".zarr"):
+        reader, kind = ad.read_zarr, "an AnnData .zarr store (or an atlasdgd store with its manifest)"
+    else:
+        raise InputError(f"cannot tell the format of {p!r}: use a file ending in .h5ad, .h5mu or .zarr")
+    if not Path(p).exists():
+        raise InputError(f"{p!r} does not exist")
+    try:
+        return reader(p)
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise InputError(f"cannot read {p!r} as {kind} ({type(e).__name__}: {e}): check the file is complete and "
+                         "of that format (write it with AnnData.write_h5ad / MuData.write / AnnData.write_zarr)") from e
 
 
 def _as_csr(x: Any, name: str) -> sparse.csr_matrix:
@@ -112,6 +121,12 @@ def read_modalities(data, layer=None, modality_key: str | None = None, modality:
         raise InputError(f"expected AnnData or MuData, got {type(data).__name__}")
     if data.n_obs == 0:
         raise InputError("the data has no cells: pass a non-empty AnnData/MuData")
+    backed = [name for name, a in ([("the AnnData", data)] if not is_mudata else list(data.mod.items()))
+              if getattr(a, "isbacked", False)]
+    if backed:
+        raise InputError(f"{', '.join(map(str, backed))} is opened backed (read_h5ad(..., backed='r')): load it into "
+                         "memory (adata.to_memory()), or for data larger than memory ingest the file into an atlas "
+                         "store (atlasdgd ingest) and train from that")
     if is_mudata:
         return _modalities_from_mudata(data, layer)
     if not modality.isidentifier():
