@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import anndata as ad
@@ -32,6 +33,8 @@ from atlasdgd.runtime.device import on_device_of, resolve_device, to_numpy
 from atlasdgd.store.sources import open_cells
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.run import run_training
+
+log = logging.getLogger(__name__)
 
 
 def _named_parameters(function) -> set[str]:
@@ -84,6 +87,7 @@ class DGD:
         check_arguments("DGD()", model_options, _named_parameters(DGD.__init__)
                         | set(ModelConfig.__dataclass_fields__) - {"modalities", "covariates"})
         self.device = resolve_device(device)  # before any work: a missing GPU fails here
+        log.info("reading %s", data if isinstance(data, (str, Path)) else type(data).__name__)
         self.data = open_cells(data, label_key=label_key, covariate_keys=covariate_keys, modalities=modalities,
                                layer=layer, modality_key=modality_key, split_key=split_key,
                                split_fractions=split_fractions, seed=seed, storage_options=storage_options)
@@ -402,6 +406,7 @@ class DGD:
         self._require_trained()
         files = ModelFiles(self.module, self.model_config, self.train_config, self.vocab, self.cells, self.history,
                            self.library_model)
+        log.info("writing the model to %s", path)
         return write_model(path, files, overwrite=overwrite, storage_options=storage_options)
 
     @classmethod

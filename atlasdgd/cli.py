@@ -17,11 +17,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from pathlib import Path
 
 from atlasdgd.errors import AtlasDGDError
+from atlasdgd.io.strict_json import strict_json
 
 
 def _add_simulate(sub) -> None:
@@ -80,6 +82,8 @@ def _add_train(sub) -> None:
     _add_device(p, precision=True)
     p.add_argument("data", help="input .h5ad, .h5mu or AnnData .zarr with raw counts, or an atlas store URI")
     p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write each epoch's losses as TensorBoard scalars to DIR (needs the tensorboard package)")
     p.add_argument("--label-key", help="obs column with cell-type labels (sets the number of mixture components)")
     p.add_argument("--covariate-key", action="append", default=[], help="obs column of a batch-like covariate (repeatable)")
     p.add_argument("--modality", action="append", default=None, help="modality to use (repeatable; default all)")
@@ -205,6 +209,53 @@ def _write_table(table, out: str, overwrite: bool) -> None:
             table.to_csv(tmp, index=False, sep="\t" if out.endswith(".tsv") else ",")
 
 
+PLOT_KINDS = ("umap", "clusters", "covariates", "training", "gene-to-peak")
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="plots of a model or atlas: umap, clusters, covariates, training, gene-to-peak")
+    p.add_argument("model", help="model directory, atlas or ATLAS@N")
+    p.add_argument("--kind", required=True, choices=PLOT_KINDS)
+    p.add_argument("--color", action="append", default=[],
+                   help="obs column to colour the UMAP by (repeatable; default: the label and covariates)")
+    p.add_argument("--table", help="gene-to-peak: the table written by 'atlasdgd perturb' (.csv/.tsv/.parquet)")
+    p.add_argument("--gene", action="append", default=[], help="gene-to-peak: genes to show (default: all in the table)")
+    p.add_argument("--max-cells", type=int, default=20000, help="umap: cells drawn at most (a random sample; default 20000)")
+    p.add_argument("--out", required=True, help="output .png")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def cmd_plot(args) -> None:
+    from atlasdgd import plotting
+    from atlasdgd.io.atomic import atomic_file
+
+    _check_outputs(args, args.out, suffixes=(".png",))
+    if args.kind == "gene-to-peak":
+        if not args.table:
+            raise AtlasDGDError("--kind gene-to-peak needs --table (the output of 'atlasdgd perturb')")
+        table = _read_table(args.table)
+        with atomic_file(args.out, args.overwrite) as tmp:
+            plotting.plot_gene_to_peak(table, tmp, genes=args.gene or None)
+        _done(f"wrote the gene-to-peak tracks to {args.out}", out=args.out, kind=args.kind)
+        return
+    if args.max_cells < 1:
+        raise AtlasDGDError(f"--max-cells must be >= 1, got {args.max_cells}")
+    model = _load_model(args.model, "cpu")
+    with atomic_file(args.out, args.overwrite) as tmp:
+        plotting.plot_model(model, args.kind, tmp, color=args.color, max_cells=args.max_cells)
+    _done(f"wrote the {args.kind} plot to {args.out}", out=args.out, kind=args.kind)
+
+
+def _read_table(path: str):
+    import pandas as pd
+
+    if not Path(path).exists():
+        raise AtlasDGDError(f"--table {path!r} does not exist")
+    if path.endswith(".parquet"):
+        return pd.read_parquet(path)
+    return pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
+
+
 def cmd_de(args) -> None:
     _check_outputs(args, args.out, suffixes=(".csv", ".tsv", ".parquet"))
     if args.group2 and not args.group1:
@@ -215,7 +266,8 @@ def cmd_de(args) -> None:
                                           reference=_pairs(args.reference, "--reference") or None, seed=args.seed)
     _write_table(table, args.out, args.overwrite)
     comparisons = table[["group1", "group2"]].drop_duplicates()
-    print(f"wrote {len(table)} rows ({len(comparisons)} comparison(s) x features) to {args.out}")
+    _done(f"wrote {len(table)} rows ({len(comparisons)} comparison(s) x features) to {args.out}", out=args.out,
+          rows=len(table), comparisons=len(comparisons))
 
 
 def _add_sample(sub) -> None:
@@ -266,8 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"atlasdgd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_simulate, _add_ingest, _add_train, _add_embed, _add_map, _add_predict, _add_perturb, _add_de,
-                _add_sample, _add_evaluate, _add_demo, _add_atlas):
+                _add_sample, _add_evaluate, _add_demo, _add_atlas, _add_plot):
         add(sub)
+    for path in CONFIGURABLE:
+        p = _subparser(parser, path)
+        p.add_argument("--config", metavar="FILE.yaml",
+                       help="read options from a YAML file (flags given here win); --print-config writes a complete one")
+        p.add_argument("--print-config", action="store_true", help="print every option with its default as YAML, and exit")
     return parser
 
 
@@ -278,10 +335,12 @@ def cmd_simulate(args) -> None:
                            n_peaks=args.peaks, n_proteins=args.proteins, batch_effect=args.batch_effect, seed=args.seed)
     if "://" in args.out or args.out.rstrip("/").endswith(".zarr"):
         write_simulation_store(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
-        print(f"wrote {args.cells} cells ({', '.join(cfg.modalities)}) to the atlas store {args.out}")
+        _done(f"wrote {args.cells} cells ({', '.join(cfg.modalities)}) to the atlas store {args.out}", out=args.out,
+              cells=args.cells, modalities=list(cfg.modalities))
         return
     write_simulation(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote {args.cells} cells ({', '.join(cfg.modalities)}) to {args.out}")
+    _done(f"wrote {args.cells} cells ({', '.join(cfg.modalities)}) to {args.out}", out=args.out, cells=args.cells,
+          modalities=list(cfg.modalities))
 
 
 def _storage_options(args) -> dict | None:
@@ -309,7 +368,8 @@ def cmd_ingest(args) -> None:
 
     cells = open_store(out, _storage_options(args) if not args.store.startswith(SCHEME) else None)
     sizes = ", ".join(f"{m} {cells.n_features(m)}" for m in cells.modalities)
-    print(f"ingested {cells.n_cells} cells ({sizes} features) into {args.store}")
+    _done(f"ingested {cells.n_cells} cells ({sizes} features) into {args.store}", out=args.store, cells=cells.n_cells,
+          features={m: cells.n_features(m) for m in cells.modalities})
 
 
 def _check_train_target(args) -> None:
@@ -334,6 +394,9 @@ def cmd_train(args) -> None:
 
     if args.workers < 1:
         raise AtlasDGDError(f"--workers must be >= 1, got {args.workers}")
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--min-epochs", args.min_epochs)):
+        if value is not None and value < 1:
+            raise AtlasDGDError(f"{flag} must be >= 1, got {value}")
     if args.checkpoint_every is not None and args.checkpoint_every < 0:
         raise AtlasDGDError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {args.checkpoint_every}")
     if not args.checkpoint_minutes >= 0:
@@ -359,7 +422,7 @@ def cmd_train(args) -> None:
                                train_options=options, resume=args.resume, **schedule,
                                threads=args.threads, overwrite=args.overwrite,
                                use_gpu=args.gpus or args.device.startswith("cuda"),
-                               progress=not args.quiet)
+                               tensorboard=args.tensorboard, progress=not args.quiet)
     else:
         from atlasdgd import DGD
 
@@ -370,23 +433,37 @@ def cmd_train(args) -> None:
         model = DGD(args.data, modality_key=args.modality_key, split_key=args.split_key, device=args.device,
                     storage_options=_storage_options(args), **model_options)
         checkpoint_uri = None if args.checkpoint_every == 0 else args.out
-        history = model.train(progress=not args.quiet, checkpoint_uri=checkpoint_uri, resume=args.resume,
-                              **schedule, **options)
+        from atlasdgd.train.metrics_log import TensorBoardLog
+
+        board = TensorBoardLog(args.tensorboard) if args.tensorboard else None
+        try:
+            history = model.train(progress=not args.quiet, checkpoint_uri=checkpoint_uri, resume=args.resume,
+                                  on_epoch=board, **schedule, **options)
+        finally:
+            if board is not None:
+                board.close()
         model.save(args.out, overwrite=True, storage_options=_storage_options(args))  # replaces the checkpoints
     best = history.loc[history["best"]] if "best" in history else history.tail(1)
-    print(f"trained {len(history)} epochs (best {int(best['epoch'].iloc[0])}); model written to {args.out}")
+    if args.workers == 1 or Path(args.out).is_dir():
+        _save_config(args, args.out)
+    last = history.iloc[-1]
+    _done(f"trained {len(history)} epochs (best {int(best['epoch'].iloc[0])}); model written to {args.out}",
+          out=args.out, epochs=len(history), best_epoch=int(best["epoch"].iloc[0]),
+          final={k: last[k] for k in history.columns if k.startswith(("train_", "val_"))})
 
 
 def cmd_embed(args) -> None:
     if _is_soma_target(args.out):
         cells = _load_model(args.model, args.device).embed()
         written = _write_soma(cells, args.out, args.overwrite)
-        print(f"wrote {cells.n_obs} cells' results into {args.out} ({written})")
+        _done(f"wrote {cells.n_obs} cells' results into {args.out} ({written})", out=args.out, cells=cells.n_obs,
+              written=written)
         return
     _check_outputs(args, args.out, suffixes=(".h5ad", ".h5mu"))
     cells = _load_model(args.model, args.device).embed()
     _write_results(cells, args.out, args.overwrite)
-    print(f"wrote {cells.n_obs} cells to {args.out} (obsm: {', '.join(cells.obsm)}; obs: dgd_cluster, dgd_split)")
+    _done(f"wrote {cells.n_obs} cells to {args.out} (obsm: {', '.join(cells.obsm)}; obs: dgd_cluster, dgd_split)",
+          out=args.out, cells=cells.n_obs, obsm=list(cells.obsm))
 
 
 def _is_soma_target(path: str) -> bool:
@@ -476,7 +553,8 @@ def cmd_atlas(args) -> None:
                              train_options={} if args.epochs is None else {"max_epochs": args.epochs},
                              progress=not args.quiet)
         rec = atlas.record()
-        print(f"atlas {args.atlas}: version {rec.version}, {rec.n_cells} cells")
+        _done(f"atlas {args.atlas}: version {rec.version}, {rec.n_cells} cells", atlas=args.atlas, version=rec.version,
+              cells=rec.n_cells)
     elif args.verb == "update":
         if args.epochs < 0 or args.finetune < 0:
             raise AtlasDGDError(f"--epochs and --finetune must be >= 0, got {args.epochs}, {args.finetune}")
@@ -485,12 +563,13 @@ def cmd_atlas(args) -> None:
         rec = Atlas(args.atlas).update(args.data, epochs=args.epochs, finetune=args.finetune, device=args.device,
                                        progress=not args.quiet)
         new = {k: v for k, v in rec.added.get("new_classes", {}).items() if v}
-        print(f"atlas {args.atlas}: version {rec.version}, {rec.n_cells} cells (+{rec.n_added})"
-              + (f"; new classes {new}" if new else ""))
+        _done(f"atlas {args.atlas}: version {rec.version}, {rec.n_cells} cells (+{rec.n_added})"
+              + (f"; new classes {new}" if new else ""), atlas=args.atlas, version=rec.version, cells=rec.n_cells,
+              added=rec.n_added, new_classes=new)
     elif args.verb == "log":
         log = Atlas(args.atlas).log()
-        if args.json:
-            print(json.dumps(log))
+        if args.json:  # the version records themselves, as this command always printed them
+            _done(None, __json__=log)
             return
         for rec in log:
             what = f"rollback to version {rec['rollback_of']}" if rec["rollback_of"] else (
@@ -498,7 +577,8 @@ def cmd_atlas(args) -> None:
             print(f"version {rec['version']}  {rec['time']}  {rec['n_cells']} cells  {what}")
     elif args.verb == "rollback":
         rec = Atlas(args.atlas).rollback(args.version)
-        print(f"atlas {args.atlas}: version {rec.version} = version {args.version} ({rec.n_cells} cells)")
+        _done(f"atlas {args.atlas}: version {rec.version} = version {args.version} ({rec.n_cells} cells)",
+              atlas=args.atlas, version=rec.version, cells=rec.n_cells)
 
 
 def _check_outputs(args, *paths, suffixes: tuple[str, ...]) -> None:
@@ -597,7 +677,8 @@ def cmd_map(args) -> None:
                        unknown_below=args.unknown_below, progress=not args.quiet, **kwargs)
     if into_soma:
         written = _write_soma(mapped, args.out, args.overwrite)
-        print(f"mapped {mapped.n_obs} cells into {args.out} ({written})")
+        _done(f"mapped {mapped.n_obs} cells into {args.out} ({written})", out=args.out, cells=mapped.n_obs,
+              written=written)
     else:
         if str(args.out).endswith(".h5mu"):
             from atlasdgd.infer.query import _best_matching_modality
@@ -611,10 +692,13 @@ def cmd_map(args) -> None:
         else:
             _write_h5ad(mapped, args.out, args.overwrite)
         extra = ", dgd_label, dgd_label_confidence" if "dgd_label" in mapped.obs else ""
-        print(f"mapped {mapped.n_obs} cells to {args.out} (obsm: {', '.join(mapped.obsm)}; obs: dgd_cluster{extra})")
+        _done(f"mapped {mapped.n_obs} cells to {args.out} (obsm: {', '.join(mapped.obsm)}; obs: dgd_cluster{extra})",
+              out=args.out, cells=mapped.n_obs, obsm=list(mapped.obsm))
     if args.save_model:
         model.save(args.save_model, overwrite=args.overwrite)
-        print(f"model with covariate classes {model.vocab.covariates} written to {args.save_model}")
+        _save_config(args, args.save_model)
+        _done(f"model with covariate classes {model.vocab.covariates} written to {args.save_model}",
+              model=args.save_model, covariate_classes=model.vocab.covariates)
 
 
 def cmd_predict(args) -> None:
@@ -623,8 +707,9 @@ def cmd_predict(args) -> None:
     mods = model.predict(query, progress=not args.quiet, **_mapping_kwargs(args))
     _write_modalities(mods, args.out, args.overwrite)
     sources = {m: a.obs["dgd_library_source"].value_counts().to_dict() for m, a in mods.items()}
-    print(f"predicted {', '.join(mods)} for {next(iter(mods.values())).n_obs} cells to {args.out} "
-          f"(X: fractions, layer dgd_mean: mean counts; library sizes: {sources})")
+    _done(f"predicted {', '.join(mods)} for {next(iter(mods.values())).n_obs} cells to {args.out} "
+          f"(X: fractions, layer dgd_mean: mean counts; library sizes: {sources})", out=args.out,
+          cells=next(iter(mods.values())).n_obs, modalities=list(mods), library_sources=sources)
 
 
 def cmd_perturb(args) -> None:
@@ -637,7 +722,8 @@ def cmd_perturb(args) -> None:
     table = model.perturb(query, genes, group_by=args.group_by, steps=args.steps, lr=args.lr, epochs=kw["epochs"],
                           progress=not args.quiet, **_query_kwargs(args))
     _write_table(table, args.out, args.overwrite)
-    print(f"wrote {len(table)} rows ({len(genes)} genes x groups x features) to {args.out}")
+    _done(f"wrote {len(table)} rows ({len(genes)} genes x groups x features) to {args.out}", out=args.out,
+          rows=len(table), genes=genes)
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -665,7 +751,8 @@ def cmd_sample(args) -> None:
     mods = model.sample(args.cells, component=component, covariates=_pairs(args.covariate, "--covariate"),
                         library=library, seed=args.seed)
     _write_modalities(mods, args.out, args.overwrite)
-    print(f"wrote {args.cells} synthetic cells ({', '.join(mods)}) to {args.out}")
+    _done(f"wrote {args.cells} synthetic cells ({', '.join(mods)}) to {args.out}", out=args.out, cells=args.cells,
+          modalities=list(mods))
 
 
 def cmd_evaluate(args) -> None:
@@ -680,24 +767,154 @@ def cmd_evaluate(args) -> None:
                        auprc_modalities=args.auprc_modality, map_all=args.map_all, epochs=args.epochs,
                        progress=not args.quiet, **_query_kwargs(args))
     with atomic_file(args.out, args.overwrite) as tmp:
-        Path(tmp).write_text(json.dumps(metrics, indent=1))
-    print(json.dumps(metrics, indent=1))
+        Path(tmp).write_text(strict_json(metrics, indent=1))
+    _done(strict_json(metrics, indent=1), out=args.out, metrics=metrics)
 
 
 def cmd_demo(args) -> None:
     from atlasdgd.demo import run_demo
 
-    run_demo(args.out, n_cells=args.cells, max_epochs=args.epochs, seed=args.seed, overwrite=args.overwrite,
-             progress=not args.quiet, workers=args.workers, device=args.device)
+    result = run_demo(args.out, n_cells=args.cells, max_epochs=args.epochs, seed=args.seed, overwrite=args.overwrite,
+                      progress=not args.quiet, workers=args.workers, device=args.device)
+    _done(None, out=args.out, **(result if isinstance(result, dict) else {}))
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    """--quiet, -v/--verbose, --log-file and --json on every command (and every atlas verb)."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subparsers:
+        for p in action.choices.values():
+            if any(isinstance(a, argparse._SubParsersAction) for a in p._actions):
+                _add_common_options(p)
+                continue
+            have = p._option_string_actions
+            if "--quiet" not in have:
+                p.add_argument("--quiet", action="store_true", help="no progress bars; log warnings and errors only")
+            p.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+            p.add_argument("--log-file", metavar="FILE", help="also write the log (debug level) to FILE")
+            if "--json" not in have:
+                p.add_argument("--json", action="store_true",
+                               help="print one JSON summary (what was written where, key numbers) as the last line")
+
+
+def _setup_logging(args) -> list[logging.Handler]:
+    """The atlasdgd logger: INFO to stderr (WARNING with --quiet, DEBUG with -v), DEBUG to --log-file."""
+    logger = logging.getLogger("atlasdgd")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handlers: list[logging.Handler] = [console]
+    if args.log_file:
+        try:
+            file = logging.FileHandler(args.log_file)
+        except OSError as e:
+            raise AtlasDGDError(f"--log-file {args.log_file!r} cannot be written ({e}): choose a writable path") from e
+        file.setLevel(logging.DEBUG)
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(file)
+    for h in handlers:
+        logger.addHandler(h)
+    return handlers
+
+
+_SUMMARY: dict = {}
+
+
+def _done(message: str | None, **summary) -> None:
+    """A command's result: the human line on stdout, and the summary that --json prints."""
+    if message is not None:
+        print(message)
+    _SUMMARY.update(summary)
+
+
+CONFIGURABLE = {("train",), ("map",), ("atlas", "create"), ("atlas", "update")}
+
+
+def _subparser(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> argparse.ArgumentParser:
+    for name in path:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    return parser
+
+
+def _command_path(argv: list[str]) -> tuple[str, ...]:
+    words = [a for a in argv if not a.startswith("-")]
+    if words[:1] == ["atlas"]:
+        return tuple(words[:2])
+    return tuple(words[:1])
+
+
+def _explicit_dests(argv: list[str]) -> set[str]:
+    """The options given on the command line (they win over a --config file)."""
+    parser = build_parser()
+    _add_common_options(parser)
+
+    def suppress(p):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    suppress(sub)
+            elif a.option_strings:
+                a.default = argparse.SUPPRESS
+
+    suppress(parser)
+    return set(vars(parser.parse_args(argv)))
+
+
+def _apply_config(parser, args, argv: list[str]) -> None:
+    """Fill the options not given as flags from ``--config`` (checked first: unknown keys, wrong types)."""
+    from atlasdgd.io import run_config
+
+    path = _command_path(argv)
+    if not getattr(args, "config", None):
+        return
+    values = run_config.load(args.config, run_config.options_of(_subparser(parser, path)))
+    explicit = _explicit_dests(argv)
+    for key, value in values.items():
+        if key not in explicit:
+            setattr(args, key, value)
+
+
+def _save_config(args, directory: str) -> None:
+    """The options this run used, next to what it wrote, for ``--config`` to repeat it."""
+    from atlasdgd.io import run_config
+
+    if "://" in str(directory) or not Path(directory).is_dir():
+        return
+    options = run_config.options_of(_subparser(build_parser(), _command_path([args.command] + (
+        [args.verb] if getattr(args, "verb", None) else []))))
+    values = {o.name: getattr(args, o.name) for o in options if hasattr(args, o.name)}
+    (Path(directory) / run_config.SAVED_NAME).write_text(run_config.dump(values))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _add_common_options(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--print-config" in argv:
+        from atlasdgd.io import run_config
+
+        path = _command_path(argv)
+        if path not in CONFIGURABLE:
+            print(f"atlasdgd: --print-config applies to {', '.join(' '.join(c) for c in sorted(CONFIGURABLE))}",
+                  file=sys.stderr)
+            return 2
+        print(run_config.template(" ".join(path), run_config.options_of(_subparser(parser, path))), end="")
+        return 0
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     handler = {"simulate": cmd_simulate, "ingest": cmd_ingest, "train": cmd_train, "embed": cmd_embed, "map": cmd_map,
                "predict": cmd_predict, "perturb": cmd_perturb, "de": cmd_de, "sample": cmd_sample, "evaluate": cmd_evaluate,
-               "demo": cmd_demo, "atlas": cmd_atlas}[args.command]
+               "demo": cmd_demo, "atlas": cmd_atlas, "plot": cmd_plot}[args.command]
+    _SUMMARY.clear()
+    command = args.command + (f" {args.verb}" if getattr(args, "verb", None) else "")
+    handlers: list[logging.Handler] = []
+    code = 0
     try:
+        handlers = _setup_logging(args)
+        _apply_config(parser, args, argv)
         ray_run = args.command == "train" and args.workers > 1  # the workers' devices are Ray's (--gpus)
         if getattr(args, "device", None) is not None and not ray_run:
             from atlasdgd.runtime.device import resolve_device
@@ -705,9 +922,18 @@ def main(argv: list[str] | None = None) -> int:
             resolve_device(args.device)  # a missing GPU fails before any work or output
         handler(args)
     except (AtlasDGDError, ValueError) as e:
-        print(f"atlasdgd {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        print(f"atlasdgd {command}: error: {e}", file=sys.stderr)
+        _SUMMARY.clear()
+        _SUMMARY.update(error=str(e))
+        code = 2
+    finally:
+        for h in handlers:
+            logging.getLogger("atlasdgd").removeHandler(h)
+            h.close()
+    if args.json:
+        raw = _SUMMARY.pop("__json__", None)
+        print(strict_json(raw if raw is not None else {"command": command, "ok": code == 0, **_SUMMARY}))
+    return code
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ extra short fits.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,8 @@ from atlasdgd.model.module import DGDModule
 from atlasdgd.infer.fit import fit_representations
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.runtime.device import module_device, to_numpy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,6 +101,7 @@ def map_cells(module: DGDModule, data, options: MappingOptions | None = None, ro
         search_loss = torch.from_numpy(cell_losses(module, loader(opt.batch_size, False), start)[0])[:, None]
     else:
         keep = max(1, opt.two_step)
+        log.info("mapping: candidate search for %d cells", n)
         starts, search_loss = candidate_search(module, loader(chunk_cells(module, opt.memory_budget), False), n, keep,
                                                progress=progress, basal_candidates=basal_candidates)
         found = torch.isfinite(search_loss).all(0)  # fewer candidates than ``keep`` exist: drop the empty slots
@@ -107,6 +111,7 @@ def map_cells(module: DGDModule, data, options: MappingOptions | None = None, ro
         start = starts[:, 0] if keep == 1 else _two_step(module, starts, train_loader, loader(opt.batch_size, False),
                                                          opt, progress)
     table = RepresentationTable(start, opt.lr, opt.betas, device=device)
+    log.info("mapping: refining %d representations for %d epochs", n, opt.epochs)
     curve = fit_representations(module, train_loader, table, opt.epochs, progress=progress, desc="refining")
     loss, recon = cell_losses(module, loader(opt.batch_size, False), table.values)
     return Mapping(to_numpy(table.values), loss, recon, to_numpy(search_loss[:, 0]), curve)

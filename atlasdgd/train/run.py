@@ -8,6 +8,8 @@ mapped as new cells -> every worker's rows assembled on worker 0 (through the mo
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,8 @@ from atlasdgd.train.checkpoint import DEFAULT_CHECKPOINT_SECONDS
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.init import mixture_start, pca_start
 from atlasdgd.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 
@@ -111,10 +115,14 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
                                 f"{module.config.representation_dim} dimensions")
         init = np.ascontiguousarray(start, dtype=np.float32)
     else:
+        log.info("start: PCA of %d training cells for the representations (%s)", len(rows["train"]), cfg.init)
+        t0 = time.perf_counter()
         init = initial_representations(module, source, cfg, rows["train"])  # every cell, the same on every worker
+        log.info("start: representations of %d cells ready in %.1f s", source.n_cells, time.perf_counter() - t0)
     if cfg.init == "pca" and start is None:
         labels = None if label_codes is None else label_codes[rows["train"]]
         start_mixture(module, init[rows["train"], : module.config.latent_dim], labels, n_labels, cfg)
+        log.info("start: mixture of %d components fitted (%s)", module.config.n_components, cfg.gmm_init)
     module.to(device)
     module.autocast_dtype = torch.bfloat16 if cfg.precision == "bf16-mixed" else None
     sync.broadcast_module(module)
@@ -150,6 +158,8 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
                          best_epoch=None if stopper is None else stopper.best_epoch)
         schedule.written()
 
+    log.info("training: %d training and %d validation cells on %s, batch %d, at most %d epochs", len(rows["train"]),
+             len(rows["validation"]), device, cfg.batch_size, cfg.max_epochs)
     history = trainer.fit(loader("train"), loader("validation") if has_val else None,
                           progress=progress and rank == 0, on_epoch=on_epoch, resume=resume_state,
                           after_epoch=after_epoch)
@@ -159,7 +169,9 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
         table.release_optimizer_state()
     del trainer
     values = {s: to_numpy(tables[s].values) for s in SPLITS}
+    log.info("training: stopped after %d epochs", len(history))
     if len(mine["test"]):  # held-out cells are mapped the way new cells are
+        log.info("test cells: mapping %d held-out cells for %d epochs", len(mine["test"]), cfg.heldout_epochs)
         options = MappingOptions(lr=cfg.lr_representation, betas=cfg.betas, seed=cfg.seed, epochs=cfg.heldout_epochs)
         values["test"] = map_cells(module, source, options, rows=mine["test"], progress=progress and rank == 0).values
     dim = module.config.representation_dim

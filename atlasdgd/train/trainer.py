@@ -6,6 +6,7 @@ gradients -> synced step for the dense parameters and a row-local step for the r
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -18,6 +19,8 @@ from atlasdgd.runtime.sync import all_reduce_sum, allreduce_gradients, world_siz
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.early_stopping import EarlyStopping
+
+log = logging.getLogger(__name__)
 
 
 def fused_optimizer_options(module: torch.nn.Module) -> dict:
@@ -218,6 +221,7 @@ class Trainer:
             if "val_recon" in row:
                 post["val_recon"] = f"{row['val_recon']:.4f}"
             bar.set_postfix(post)
+            log.debug("epoch %d: %s (%.1f s)", epoch, ", ".join(f"{k} {v}" for k, v in post.items()), row["seconds"])
             if not math.isfinite(row["train_loss"]):
                 raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}: lower the learning rates")
             if stopper is not None and stopper.update(epoch, row["val_recon"]):
@@ -227,6 +231,8 @@ class Trainer:
             if stopper is not None and stopper.should_stop(epoch):
                 break
         bar.close()
+        if stopper is not None and stopper.best_epoch >= 0:
+            log.info("training: best validation reconstruction at epoch %d", stopper.best_epoch)
         if stopper is not None and stopper.snapshot is not None:
             self.restore(stopper.snapshot)
             for row in history:
