@@ -76,3 +76,34 @@ def test_two_gloo_workers_reach_the_parameters_of_one_process(tmp_path):
     rows = torch.cat([workers[0]["table"], workers[1]["table"]])
     torch.testing.assert_close(rows, one["table"], rtol=1e-5, atol=1e-6)
     assert not torch.equal(one["table"], torch.from_numpy(np.random.default_rng(0).normal(size=one["table"].shape).astype(np.float32)))
+
+
+class _FakeRay:
+    """Records ray.init calls; ``running`` says whether a cluster answers at address="auto"."""
+
+    def __init__(self, running: bool, initialized: bool = False):
+        self.running, self.initialized, self.calls = running, initialized, []
+
+    def is_initialized(self):
+        return self.initialized
+
+    def init(self, address=None, **kwargs):
+        self.calls.append((address, "num_cpus" in kwargs))
+        if address == "auto" and not self.running:
+            raise ConnectionError("Could not find any running Ray instance")
+        self.initialized = True
+
+
+def test_ray_joins_a_running_cluster_else_starts_one_and_leaves_the_callers_alone():
+    from atlasdgd.distributed.ray_train import _connect
+
+    joined = _FakeRay(running=True)
+    assert _connect(joined, None, 2, False) is True
+    assert joined.calls == [("auto", False)]  # joined: never a second cluster with its own CPU count
+    started = _FakeRay(running=False)
+    assert _connect(started, None, 2, False) is True
+    assert started.calls == [("auto", False), (None, True)]
+    callers = _FakeRay(running=True, initialized=True)
+    assert _connect(callers, None, 2, False) is False and callers.calls == []  # not ours to shut down
+    remote = _FakeRay(running=False)
+    assert _connect(remote, "ray://head:10001", 2, False) is True and remote.calls == [("ray://head:10001", False)]
