@@ -50,8 +50,19 @@ def test_every_command_prints_a_strict_json_summary_last(tmp_path, capsys):
     _strict((d / "metrics.json").read_text())
     s = _run(capsys, ["atlas", "create", f"{d}/atlas", "--store", f"{d}/a.zarr", "--model", f"{d}/m"])
     assert s["version"] == 1 and s["command"] == "atlas create"
+    import anndata as ad
+
+    new = ad.read_h5ad(d / "q.h5ad")
+    new.obs_names = [f"new_{n}" for n in new.obs_names]  # an atlas refuses cell names it already has
+    new.write_h5ad(d / "new.h5ad")
+    s = _run(capsys, ["atlas", "update", f"{d}/atlas", f"{d}/new.h5ad", "--epochs", "1"])
+    assert s["version"] == 2 and s["added"] == 120
+    assert _run(capsys, ["atlas", "rollback", f"{d}/atlas", "1"])["cells"] == 400
+    assert _run(capsys, ["plot", f"{d}/m", "--kind", "training", "--out", f"{d}/t.png"])["out"] == f"{d}/t.png"
+    s = _run(capsys, ["demo", "--out", f"{d}/demo", "--cells", "300", "--epochs", "2", "--workers", "1"])
+    assert s["out"] == f"{d}/demo" and s["epochs"] == 2
     assert main(["atlas", "log", f"{d}/atlas", "--json"]) == 0  # the exception: the list of version records
-    assert _strict(capsys.readouterr().out.strip().splitlines()[-1])[0]["version"] == 1
+    assert [r["version"] for r in _strict(capsys.readouterr().out.strip().splitlines()[-1])] == [1, 2, 3]
     # a failure: ok false, the message, nothing else claimed
     s = _run(capsys, ["train", f"{d}/missing.h5ad", "--out", f"{d}/m2"])
     assert s == {"command": "train", "ok": False, "error": s["error"]} and "does not exist" in s["error"]
