@@ -3,8 +3,8 @@
 Batches follow a :class:`~atlasdgd.data.plan.BlockShufflePlan` over this worker's shard: windows of
 consecutive cells are read with one request each (a store decodes whole chunks; an in-memory source
 slices its CSR), and each batch is scattered from the windows' CSR arrays into one dense block.
-A background thread reads the next windows while the trainer works (zarr and TileDB release the
-GIL there). A source held in memory (``resident``) has nothing to stage: each batch's rows are read
+A background thread reads the next windows and assembles their batches while the trainer works
+(zarr, zarrs and TileDB release the GIL while decoding). A source held in memory (``resident``) has nothing to stage: each batch's rows are read
 straight into the dense block (the thread and windows only cost time there: 3x, measured). ``Batch.index`` is the position in the shard (the row of this worker's representation
 table), ``Batch.cells`` the global cell row in the source. With a CUDA ``device`` the dense counts
 are assembled in pinned memory and every batch is moved with one non-blocking copy.
@@ -178,9 +178,9 @@ class CellLoader:
             yield from batches
             return
         # the whole pipeline (reading windows and assembling batches) runs in one background thread, so
-        # the trainer only takes finished batches: with reading in the thread and assembly in the trainer's,
-        # the two fought over the GIL and prefetching made the loader slower than none (48-56k vs 66-86k
-        # cells/s, measured)
+        # the trainer only takes finished batches and its steps hide the reading. For the loader alone
+        # the thread is still slower than none (35-69k vs 69-108k cells/s on 100k x 2,000, measured; the
+        # GIL hand-offs are the suspect), as it was with reading in the thread and assembly here
         q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch) * BATCHES_PER_PREFETCH)
         stop = threading.Event()
         done = object()
