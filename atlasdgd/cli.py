@@ -444,8 +444,7 @@ def cmd_train(args) -> None:
                 board.close()
         model.save(args.out, overwrite=True, storage_options=_storage_options(args))  # replaces the checkpoints
     best = history.loc[history["best"]] if "best" in history else history.tail(1)
-    if args.workers == 1 or Path(args.out).is_dir():
-        _save_config(args, args.out)
+    _save_config(args, args.out)  # local model directories only (see there)
     last = history.iloc[-1]
     _done(f"trained {len(history)} epochs (best {int(best['epoch'].iloc[0])}); model written to {args.out}",
           out=args.out, epochs=len(history), best_epoch=int(best["epoch"].iloc[0]),

@@ -44,16 +44,8 @@ def plot_embedding(coords: np.ndarray, colours: dict[str, pd.Series], path: str 
     n = len(colours)
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
     for ax, (name, values) in zip(axes[0], colours.items()):
-        cats = pd.Categorical(values)
-        cmap = plt.get_cmap("tab20" if len(cats.categories) > 10 else "tab10")
-        for k, cat in enumerate(cats.categories):
-            sel = cats.codes == k
-            ax.scatter(coords[sel, 0], coords[sel, 1], s=2, color=cmap(k % cmap.N), label=str(cat), rasterized=True)
+        _scatter_categories(plt, ax, coords, values)
         ax.set_title(f"{title} {name}".strip())
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if len(cats.categories) <= 20:
-            ax.legend(markerscale=4, fontsize=7, loc="best", frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -217,7 +209,8 @@ def plot_model(model, kind: str, path: str | Path, color: list[str] | None = Non
 
 
 def _scatter_categories(plt, ax, coords: np.ndarray, values) -> None:
-    cats = pd.Categorical(np.asarray(values).astype(str))
+    """One colour per category of ``values``, legend up to 20 categories, no ticks."""
+    cats = pd.Categorical(values)
     cmap = plt.get_cmap("tab20" if len(cats.categories) > 10 else "tab10")
     for k, cat in enumerate(cats.categories):
         sel = cats.codes == k

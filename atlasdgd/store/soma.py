@@ -258,10 +258,9 @@ def read_soma_query(uri: str, layer: str | None = None, measurements: list[str] 
 
 def write_soma_results(uri: str, table, measurement: str | None = None, overwrite: bool = False) -> dict:
     """Write a results table (obs columns starting ``dgd_`` but the split, obsm arrays; from
-    ``DGD.map``/``embed``)
-    into the SOMA experiment its cells come from: obs columns into the experiment's obs, obsm arrays
-    into ``measurement``'s obsm (default: every measurement's, so each modality's AnnData view has
-    them; they are cells x a few columns). Everything is checked before anything is
+    ``DGD.map``/``embed``) into the SOMA experiment its cells come from: obs columns into the
+    experiment's obs, obsm arrays into ``measurement``'s obsm (default: every measurement's, so each
+    modality's AnnData view has them; they are cells x a few columns). Everything is checked before anything is
     written (every cell id known, no existing key replaced without ``overwrite``); SOMA has no
     multi-array transaction, so the obsm arrays are written first and obs last. Cells of the
     experiment missing from ``table`` get missing values. Returns what was written."""
@@ -280,13 +279,12 @@ def write_soma_results(uri: str, table, measurement: str | None = None, overwrit
         id_col = _id_column(obs, "obs_id")
         ids = obs[id_col].astype(str).to_numpy()
         existing = {m: list(exp.ms[m].obsm.keys()) if "obsm" in exp.ms[m] else [] for m in targets}
+        widths = {(m, k): exp.ms[m].obsm[k].shape[1] for m in targets for k in table.obsm if k in existing[m]}
     position = pd.Index(ids).get_indexer(table.obs_names.astype(str))
     if (position < 0).any():
         missing = list(table.obs_names[position < 0][:5])
         raise StoreError(f"{int((position < 0).sum())} cells of the results are not in {uri!r} (e.g. {missing}): "
                          "write them to the experiment they were read from, or to an .h5ad/.h5mu")
-    with tiledbsoma.Experiment.open(path) as exp:
-        widths = {(m, k): exp.ms[m].obsm[k].shape[1] for m in targets for k in table.obsm if k in existing[m]}
     wrong = [f"{m}/{k}" for (m, k), w in widths.items() if w != np.asarray(table.obsm[k]).shape[1]]
     if wrong:
         raise StoreError(f"{uri!r} has obsm arrays {wrong} of another width (another model's results): remove them first")
