@@ -43,6 +43,45 @@ def test_pca_start_is_fitted_on_training_cells_only():
     assert not np.allclose(b[250:], a[250:])
 
 
+def _dense_pca_reference(counts: dict, groups, fit, dim, radius):
+    """The batch-centred PCA start written densely with numpy's SVD, for comparison."""
+    parts, fitted = [], []
+    for x in counts.values():
+        x = x.toarray().astype(np.float64)
+        lib = x.sum(1)
+        target = np.median(lib[fit][lib[fit] > 0])
+        y = np.log1p(x * (target / lib)[:, None])
+        total = y[fit].var(axis=0).sum()
+        parts.append(y / np.sqrt(total))
+    y = np.hstack(parts)
+    centred = y.copy()
+    for g in np.unique(groups):
+        centred[groups == g] -= y[fit & (groups == g)].mean(0)
+    _, _, vt = np.linalg.svd(centred[fit], full_matrices=False)
+    z = centred @ vt[:dim].T
+    return z * (0.5 * radius / np.linalg.norm(z[fit], axis=1).mean())
+
+
+@pytest.mark.parametrize("block_cells", [7, 2048])
+def test_pca_start_matches_a_dense_svd_whatever_the_block_size(block_cells):
+    from atlasdgd.train.init import _CountsSource, pca_start
+
+    rng = np.random.default_rng(4)
+    n = 240
+    groups = rng.integers(0, 3, n)
+    types = rng.integers(0, 3, n)
+    counts = {
+        "rna": sparse.csr_matrix(rng.poisson(np.exp(0.5 + np.outer(types, rng.normal(size=30)))).astype(np.float32)),
+        "atac": sparse.csr_matrix(rng.poisson(0.3 + np.outer(types == 1, rng.random(50))).astype(np.float32)),
+    }
+    fit = np.ones(n, bool)
+    fit[200:] = False  # held-out cells are projected, not fitted
+    z = pca_start(_CountsSource(counts), groups, 4, 3.0, seed=0, fit_mask=fit, block_cells=block_cells)
+    reference = _dense_pca_reference(counts, groups, fit, 4, 3.0)
+    reference *= np.sign((reference * z).sum(0))  # an axis' sign is arbitrary (ARPACK's vs LAPACK's)
+    np.testing.assert_allclose(z, reference, rtol=1e-4, atol=1e-5)
+
+
 def test_mixture_start_from_labels_gives_class_moments():
     rng = np.random.default_rng(2)
     labels = np.repeat([0, 1, 2], [100, 300, 600])

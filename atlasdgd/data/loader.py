@@ -23,7 +23,10 @@ from atlasdgd.data.plan import BlockShufflePlan, shard_rows, steps_per_epoch
 from atlasdgd.model.module import Batch
 
 DEFAULT_BLOCK_CELLS = 1024  # cells per contiguous read of a source that does not set its own
-BATCHES_PER_PREFETCH = 8  # finished batches queued per unit of ``prefetch``
+# cells of finished batches queued per unit of ``prefetch`` (8 batches of 128): counted in cells, not
+# batches, because the held-out mapping's candidate search reads ~500-cell batches, and 16 of those
+# queued (with their non-zeros) raised training's peak by 260 MiB at 200k cells (measured)
+CELLS_PER_PREFETCH = 1024
 
 
 class CellLoader:
@@ -181,7 +184,7 @@ class CellLoader:
         # the trainer only takes finished batches and its steps hide the reading. For the loader alone
         # the thread is still slower than none (35-69k vs 69-108k cells/s on 100k x 2,000, measured; the
         # GIL hand-offs are the suspect), as it was with reading in the thread and assembly here
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch) * BATCHES_PER_PREFETCH)
+        q: queue.Queue = queue.Queue(maxsize=max(2, max(1, self.prefetch) * CELLS_PER_PREFETCH // self.batch_size))
         stop = threading.Event()
         done = object()
 

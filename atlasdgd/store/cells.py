@@ -16,6 +16,9 @@ from atlasdgd.errors import InputError
 from atlasdgd.store.format import StoreError
 
 
+READ_CELLS = 1024  # cells per contiguous read of a zarr store by the loader (see StoreCells)
+
+
 class StoreCells(CellTable, LoadsBatches):
     def __init__(self, store, label_key: str | None = None, covariate_keys: list[str] | tuple[str, ...] | None = None,
                  modalities: list[str] | None = None):
@@ -45,7 +48,11 @@ class StoreCells(CellTable, LoadsBatches):
         self.observed = {m: self.obs[f"observed_{m}"].to_numpy().astype(bool) for m in self._modalities}
         self._library = {m: self.obs[f"library_{m}"].to_numpy().astype(np.float32) for m in self._modalities}
         self._covariates = self.covariate_codes()
-        self.chunk_cells = int(store.manifest.chunk_cells)
+        # the loader's unit of shuffled reading, not the ingest block: zarr chunks hold at most 256k
+        # non-zeros (a few hundred cells), so 1,024-cell reads decode no more than they need, and a
+        # window of 4 of them (4,096 cells) holds a quarter of what 4,096-cell units did (a window
+        # pipeline of ~16k-cell windows cost 100+ MiB at 200k cells, measured)
+        self.chunk_cells = min(int(store.manifest.chunk_cells), READ_CELLS)
 
     # -- the CellData interface (the rest comes from CellTable) -----------------------------
     @property

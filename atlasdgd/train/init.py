@@ -49,7 +49,7 @@ def pca_representations(
 
 
 def pca_start(source, groups: np.ndarray, dim: int, radius: float, seed: int, fit_mask: np.ndarray,
-              max_fit_cells: int = 20_000, block_cells: int = 8192) -> np.ndarray:
+              max_fit_cells: int = 20_000, block_cells: int = 2048, out: np.ndarray | None = None) -> np.ndarray:
     """``[N, dim]`` float32 start positions from a batch-centred PCA of log-normalised counts, for any
     cell source (:class:`~atlasdgd.data.source.CellSource`): in memory, a store, SOMA.
 
@@ -57,11 +57,13 @@ def pca_start(source, groups: np.ndarray, dim: int, radius: float, seed: int, fi
     that all modalities carry equal total variance; each batch group (the joint covariate classes) is
     centred separately so batch offsets do not become principal axes. Weights, group means and the
     principal axes are fitted on at most ``max_fit_cells`` training cells (held-out cells do not
-    shape them); every cell is then projected block by block, so memory is one block of counts
-    plus ``N x dim`` scores. Scores are scaled by one factor so the mean norm is radius / 2.
+    shape them). Everything is read ``block_cells`` rows at a time: the fit sample is kept only as
+    its normalised non-zeros in float32 (8 bytes each; it was the start's, and training's, peak:
+    float64 copies plus a dense [cells x genes] centring term, +465 MiB for 16k cells, measured), and
+    every cell is then projected block by block, so memory is the sample plus ``N x dim`` scores
+    (written into ``out`` when given: a float32 ``[N, dim]`` array or view, e.g. the first columns of
+    the representation table's start). Scores are scaled by one factor so the mean norm is radius / 2.
     """
-    from scipy import sparse
-
     modalities = list(source.modalities)
     n = source.n_cells
     libraries = {m: np.asarray(source.library(m)) for m in modalities}  # once: in memory it is a full pass
@@ -72,91 +74,122 @@ def pca_start(source, groups: np.ndarray, dim: int, radius: float, seed: int, fi
     for m in modalities:
         lib = libraries[m][pool]
         targets[m] = float(np.median(lib[lib > 0])) if (lib > 0).any() else 1.0
+    _, codes = np.unique(groups, return_inverse=True)
+    n_groups = int(codes.max()) + 1
+    blocks = [fit[i:i + block_cells] for i in range(0, len(fit), block_cells)]
 
-    def normalised(counts: dict, cells: np.ndarray, weights=None, only: list[str] | None = None):
-        parts = []
-        for m in only or modalities:
-            x = counts[m]
-            lib = libraries[m][cells].astype(np.float64)
-            scale = np.divide(targets[m], lib, out=np.zeros_like(lib), where=lib > 0)
-            # one float64 copy of the values, scaled and logged in place, indices shared with the counts:
-            # diags(scale) @ x and the dtype conversion made two more copies of the fit sample (the
-            # start's peak: 200k cells, +573 MiB before, measured)
-            lo, hi = int(x.indptr[0]), int(x.indptr[-1])
-            data = x.data[lo:hi].astype(np.float64)
-            data *= np.repeat(scale, np.diff(x.indptr))
-            np.log1p(data, out=data)
-            if weights is not None:
-                data *= weights[m]
-            parts.append(sparse.csr_matrix((data, x.indices[lo:hi], x.indptr - lo), shape=x.shape))
-        return parts[0] if len(parts) == 1 else sparse.hstack(parts, format="csr")
-
-    def read(m: str, rows: np.ndarray):
-        """Rows as a scipy CSR matrix, whatever CSR-like object the source returns."""
-        x = source.read_rows(m, rows)
-        if sparse.issparse(x):
-            return sparse.csr_matrix(x)
-        return sparse.csr_matrix((x.data, x.indices, x.indptr), shape=(len(x.indptr) - 1, source.n_features(m)))
-
-    sample = {m: read(m, fit) for m in modalities}
+    # pass 1 over the fit sample: its normalised values (unweighted) with per-feature and per-group sums
+    sample = {m: [] for m in modalities}
+    sums = {m: np.zeros(source.n_features(m)) for m in modalities}
+    squares = {m: np.zeros(source.n_features(m)) for m in modalities}
+    group_sums = {m: np.zeros((n_groups, source.n_features(m))) for m in modalities}
+    for cells in blocks:
+        for m in modalities:
+            y = _log_normalised(_read_csr(source, m, cells), libraries[m][cells], targets[m])
+            sums[m] += np.bincount(y.indices, weights=y.data, minlength=y.shape[1])
+            squares[m] += np.bincount(y.indices, weights=y.data * y.data, minlength=y.shape[1])
+            group_sums[m] += (_group_indicator(codes[cells], n_groups) @ y).toarray()
+            sample[m].append(y.astype(np.float32))
     weights = {}
     for m in modalities:
-        # per-feature variance from sums over the non-zeros (no squared copy, no CSC copy: the fit
-        # sample is the largest allocation of the start, ~10 KB per sampled cell at 2,000 genes)
-        y = normalised({m: sample[m]}, fit, None, [m])
-        n_features = source.n_features(m)
-        mean = np.bincount(y.indices, weights=y.data, minlength=n_features) / len(fit)
-        mean_sq = np.bincount(y.indices, weights=y.data * y.data, minlength=n_features) / len(fit)
-        del y
+        mean, mean_sq = sums[m] / len(fit), squares[m] / len(fit)
         total = float(np.maximum(mean_sq - mean**2, 0).sum())
         weights[m] = 1.0 / np.sqrt(total) if total > 0 else 1.0
-    yf = normalised(sample, fit, weights)
+    for m in modalities:
+        for y in sample[m]:
+            y.data *= np.float32(weights[m])
+    yf = [_hstack([sample[m][b] for m in modalities]) for b in range(len(blocks))]
     del sample
-    _, codes = np.unique(groups, return_inverse=True)
-    n_groups = codes.max() + 1
-    gf = codes[fit]
-    onehot = sparse.csr_matrix((np.ones(len(fit)), (gf, np.arange(len(fit)))), shape=(n_groups, len(fit)))
-    group_means = np.asarray((onehot @ yf).todense()) / np.maximum(np.bincount(gf, minlength=n_groups), 1)[:, None]
-    k = min(dim, min(yf.shape) - 1)
-    z = np.zeros((n, dim), dtype=np.float32)  # float32: N x dim for every cell of the atlas
+    counts_per_group = np.maximum(np.bincount(codes[fit], minlength=n_groups), 1)[:, None]
+    group_means = np.hstack([group_sums[m] * weights[m] for m in modalities]) / counts_per_group
+    n_features = group_means.shape[1]
+    k = min(dim, min(len(fit), n_features) - 1)
+    z = np.zeros((n, dim), dtype=np.float32) if out is None else out  # float32: N x dim for every cell
+    z[:] = 0
     if k < 1:
         return z
-    v = centred_components(yf, gf, group_means, k, seed)
+    v = centred_components(yf, codes[fit], group_means, k, seed)
+    del yf
     shift = group_means @ v
     for first in range(0, n, block_cells):
         cells = np.arange(first, min(n, first + block_cells))
-        counts = {m: read(m, cells) for m in modalities}
-        z[cells, :k] = normalised(counts, cells, weights) @ v - shift[codes[cells]]
+        y = _hstack([_log_normalised(_read_csr(source, m, cells), libraries[m][cells], targets[m], weights[m])
+                     for m in modalities])
+        z[cells, :k] = y @ v - shift[codes[cells]]
     return scale_to_radius(z, pool, radius)
 
 
-def centred_components(yf, gf: np.ndarray, group_means: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Top ``k`` right singular vectors ``[F, k]`` of CSR ``yf`` with each row's group mean subtracted,
-    without densifying (a LinearOperator for svds)."""
+def _read_csr(source, modality: str, rows: np.ndarray):
+    """Rows as a scipy CSR matrix, whatever CSR-like object the source returns."""
     from scipy import sparse
+
+    x = source.read_rows(modality, rows)
+    if sparse.issparse(x):
+        return sparse.csr_matrix(x)
+    return sparse.csr_matrix((x.data, x.indices, x.indptr), shape=(len(x.indptr) - 1, source.n_features(modality)))
+
+
+def _log_normalised(x, library: np.ndarray, target: float, weight: float = 1.0):
+    """``weight * log1p(x * target / library)`` of CSR counts as float64 CSR, cells of library 0 all zero.
+    One float64 copy of the values, scaled and logged in place, indices shared with ``x``."""
+    from scipy import sparse
+
+    lib = library.astype(np.float64)
+    scale = np.divide(target, lib, out=np.zeros_like(lib), where=lib > 0)
+    lo, hi = int(x.indptr[0]), int(x.indptr[-1])
+    data = x.data[lo:hi].astype(np.float64)
+    data *= np.repeat(scale, np.diff(x.indptr))
+    np.log1p(data, out=data)
+    if weight != 1.0:
+        data *= weight
+    return sparse.csr_matrix((data, x.indices[lo:hi], x.indptr - lo), shape=x.shape)
+
+
+def _hstack(parts: list):
+    from scipy import sparse
+
+    return parts[0] if len(parts) == 1 else sparse.hstack(parts, format="csr")
+
+
+def _group_indicator(codes: np.ndarray, n_groups: int):
+    """``[n_groups, cells]`` sparse 0/1 matrix: row g sums the cells of group g."""
+    from scipy import sparse
+
+    return sparse.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_groups, len(codes)))
+
+
+def centred_components(blocks: list, codes: np.ndarray, group_means: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Top ``k`` right singular vectors ``[F, k]`` of the CSR row ``blocks`` stacked, with each row's
+    group mean subtracted, without densifying or stacking (a LinearOperator for svds).
+
+    The centring is applied to the products, ``(group_means @ v)[codes]``: forming ``group_means[codes]``
+    would be a dense [cells x features] copy per product. The vectors' signs are ARPACK's (arbitrary).
+    Fixing them (largest loading positive, as scikit-learn's ``svd_flip``) mirrored some axes of the
+    start, and ``tests/test_ray.py``'s 12-epoch comparison of two Ray workers with one process then
+    moved from within its 2% bar to 2.5%: that comparison is sensitive to the start's orientation.
+    """
     from scipy.sparse.linalg import LinearOperator, svds
 
     rng = np.random.default_rng(seed)
     n_groups = group_means.shape[0]
-    # group_means[gf] @ v builds a dense [cells, features] float64 copy per product (320 MB for the 20k-cell
-    # fit sample at 2,000 genes); (group_means @ v)[gf] is the same in exact arithmetic and lowered the
-    # start's peak by 70 MiB, but its rounding moved the start enough that the DE confounding test fell
-    # below its bar (AUROC 0.869 < 0.9): kept as is until that test is made robust to the start
-    op = LinearOperator(
-        yf.shape,
-        matvec=lambda v: yf @ v - group_means[gf] @ v,
-        rmatvec=lambda u: yf.T @ u - group_means.T @ np.bincount(gf, weights=u, minlength=n_groups),
-        matmat=lambda v: yf @ v - group_means[gf] @ v,
-        rmatmat=lambda u: yf.T @ u - group_means.T @ (sparse.csr_matrix(
-            (np.ones(len(gf)), (gf, np.arange(len(gf)))), shape=(n_groups, len(gf))) @ u),
-        dtype=np.float64,
-    )
+    n_cells = sum(b.shape[0] for b in blocks)
+    bounds = np.cumsum([0] + [b.shape[0] for b in blocks])
+
+    def matmat(v):  # float32 blocks times float64 v: scipy computes in float64
+        return np.concatenate([b @ v for b in blocks]) - (group_means @ v)[codes]
+
+    def rmatmat(u):
+        out = sum(b.T @ u[lo:hi] for b, lo, hi in zip(blocks, bounds[:-1], bounds[1:]))
+        return out - group_means.T @ (_group_indicator(codes, n_groups) @ u)
+
+    op = LinearOperator((n_cells, group_means.shape[1]), matvec=matmat, rmatvec=rmatmat, matmat=matmat,
+                        rmatmat=rmatmat, dtype=np.float64)
     _, s, vt = svds(op, k=k, v0=rng.standard_normal(min(op.shape)), random_state=seed)
     return vt[np.argsort(s)[::-1]].T
 
 
 def scale_to_radius(z: np.ndarray, fit_rows: np.ndarray, radius: float) -> np.ndarray:
-    """One factor for all cells so the mean norm of the ``fit_rows`` cells is radius / 2."""
+    """One factor for all cells so the mean norm of the ``fit_rows`` cells is radius / 2 (in place)."""
     mean_norm = np.linalg.norm(z[fit_rows], axis=1).mean()
     if mean_norm > 0:
         z *= 0.5 * radius / mean_norm  # in place: z is one value per cell and dimension

@@ -55,7 +55,7 @@ def initial_representations(module: DGDModule, source, cfg: TrainConfig, train_r
             groups = groups * (codes[:, q].max() + 1) + codes[:, q]
         fit_mask = np.zeros(source.n_cells, dtype=bool)
         fit_mask[train_rows] = True
-        values[:, : mc.latent_dim] = pca_start(source, groups, mc.latent_dim, mc.radius, cfg.seed, fit_mask)
+        pca_start(source, groups, mc.latent_dim, mc.radius, cfg.seed, fit_mask, out=values[:, : mc.latent_dim])
     for q, name in enumerate(mc.covariates):
         block = slice(mc.latent_dim + q * mc.covariate_dim, mc.latent_dim + (q + 1) * mc.covariate_dim)
         values[:, block] = to_numpy(module.covariate_gmms[name].means)[codes[:, q]]

@@ -172,10 +172,12 @@ class Trainer:
         }
 
     def restore(self, state: dict) -> None:
+        """Back to a :meth:`state`; its tables are taken over, not copied (the state is not used again:
+        a copy was one more [cells x dims] array at the end of training)."""
         self.module.load_state_dict(state["module"])
-        self.train_table.values = state["train"].to(self.train_table.device, copy=True)
+        self.train_table.values = state["train"].to(self.train_table.device).contiguous()
         if self.val_table is not None and state["val"] is not None:
-            self.val_table.values = state["val"].to(self.val_table.device, copy=True)
+            self.val_table.values = state["val"].to(self.val_table.device).contiguous()
 
     def fit(
         self,
@@ -214,6 +216,7 @@ class Trainer:
             if val_loader is not None:
                 row.update(self.validation_epoch(val_loader))
             row["seconds"] = time.perf_counter() - t0
+            row["wall_time"] = time.time()  # epoch end, Unix seconds: epoch 0 began at wall_time - seconds
             history.append(row)
             if on_epoch is not None:
                 on_epoch(row)
@@ -225,6 +228,7 @@ class Trainer:
             if not math.isfinite(row["train_loss"]):
                 raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}: lower the learning rates")
             if stopper is not None and stopper.update(epoch, row["val_recon"]):
+                stopper.keep(None)  # the old snapshot goes before the new one is copied: one copy at a time
                 stopper.keep(self.state())
             if after_epoch is not None:
                 after_epoch(epoch, history, stopper)
