@@ -10,8 +10,9 @@ import importlib
 import sys
 import types
 
-from atlasdgd.runtime.threads import limit_malloc_arenas, prefer_passive_waiting
+from atlasdgd.runtime.threads import limit_malloc_arenas, prefer_passive_waiting, warn_if_torch_came_first
 
+warn_if_torch_came_first()
 prefer_passive_waiting()  # before anything imports torch: OpenMP reads it once (see runtime/threads.py)
 limit_malloc_arenas()  # before any thread allocates: arenas are taken at a thread's first allocation
 

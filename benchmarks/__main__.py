@@ -1,6 +1,7 @@
-"""One benchmark harness: simulate -> ingest -> train -> map at each atlas size, one table.
+"""One benchmark harness: simulate -> ingest -> train -> map -> update at each atlas size, one table.
 
-    python -m benchmarks run [--sizes 10k,100k,1M] [--genes 2000] [--epochs 2] [--json report.json]
+    python -m benchmarks run [--sizes 10k,100k,1M] [--genes 2000] [--epochs 2] [--ray] [--json report.json]
+    python -m benchmarks side-by-side [--datasets simulated,kang] ...   (DGD beside scVI: side_by_side.py)
 
 Every stage runs in a fresh process (its peak RSS is its own, from getrusage) with OMP_WAIT_POLICY=PASSIVE
 and the given torch threads. Recorded per size and stage: wall seconds, cells/s and peak RSS; for training
@@ -8,6 +9,12 @@ also seconds per epoch and training cells/s. The compute floor (forward + backwa
 the decoder at batch 128, :func:`benchmarks.train_throughput.matmul_floor`) is measured in the same run,
 so "% of floor" compares like with like. Stores are written with ``order="split"``. The data live in
 ``--workdir`` (deleted afterwards unless ``--keep``).
+
+``map`` maps 10,000 new cells (another simulation) with the trained model; ``update`` makes a versioned
+atlas of the trained model and adds those cells to it as a new batch (a batch class the model has not
+seen), the incremental-update path. ``--ray`` adds ``train_ray``: the same training on 2 local Ray workers
+of 1 thread each, with the time from the call to the first training step on its own (Ray start, worker
+processes, process group, store opening, PCA start).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("simulate", "ingest", "train", "map")
+STAGES = ("simulate", "ingest", "train", "map", "update", "train_ray")
 
 CHILD = r'''
 import json, resource, sys, time, warnings
@@ -58,6 +65,31 @@ elif stage == "map":
     t1 = time.perf_counter()
     mapped = model.map(anndata.read_h5ad(query), progress=False)
     out.update(cells=int(mapped.n_obs), map_seconds=round(time.perf_counter() - t1, 2))
+elif stage == "update":
+    import anndata
+    from atlasdgd.atlas import Atlas
+    new = anndata.read_h5ad(query)
+    new.obs_names = ["new_" + name for name in new.obs_names]  # cell names must be new to the atlas
+    new.obs["batch"] = "batch_new"  # a batch class the model has not seen
+    new.write_h5ad(f"{work}/update.h5ad")
+    t1 = time.perf_counter()
+    atlas = Atlas.create(f"{work}/atlas", store=store, model=model_dir, progress=False)
+    t2 = time.perf_counter()
+    record = atlas.update(f"{work}/update.h5ad", progress=False)
+    out.update(cells=int(record.n_added), create_seconds=round(t2 - t1, 2), update_seconds=round(time.perf_counter() - t2, 2))
+elif stage == "train_ray":
+    from atlasdgd.distributed.ray_train import train_on_ray
+    options = {"max_epochs": epochs, "min_epochs": epochs, "heldout_epochs": 1}
+    t_call = time.time()
+    history = train_on_ray(store, f"{work}/model_ray", workers=2, threads=1, train_options=options, progress=False,
+                           overwrite=True)
+    first_step = float(history["wall_time"].iloc[0] - history["seconds"].iloc[0])
+    import atlasdgd
+    split = atlasdgd.DGD.load(f"{work}/model_ray", device="cpu").cells.obs["dgd_split"]
+    epoch_s = float(history["seconds"].mean())
+    out.update(cells=n, epochs=len(history), seconds_per_epoch=round(epoch_s, 2),
+               train_cells_per_s=round(int((split == "train").sum()) / epoch_s),
+               seconds_to_first_step=round(first_step - t_call, 1))
 out.update(seconds=round(time.perf_counter() - t0, 2),
            peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
 print(json.dumps(out))
@@ -79,12 +111,13 @@ def run_stage(stage: str, n: int, args, work: Path) -> dict:
         return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}",
                 "seconds": round(time.perf_counter() - t0, 1)}
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    work_s = out.get("map_seconds", out["seconds"])
+    work_s = out.get("map_seconds", out.get("update_seconds", out["seconds"]))
     out["cells_per_s"] = round(out["cells"] / work_s) if work_s > 0 else None
     return out
 
 
 def floor_ms(genes: int, threads: int) -> float:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in the stages (torch is first imported here)
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,6 +146,11 @@ def table(report: dict) -> str:
                         f"{step_ms:.1f} ms/step = {100 * floor / step_ms:.0f}% of floor")
             if stage == "map":
                 note = f"{r['cells']} new cells, {r['map_seconds']} s mapping"
+            if stage == "update":
+                note = f"{r['cells']} cells of a new batch added, {r['update_seconds']} s (atlas created in {r['create_seconds']} s)"
+            if stage == "train_ray":
+                note = (f"2 workers x 1 thread: {r['seconds_per_epoch']} s/epoch, {r['train_cells_per_s']} train cells/s, "
+                        f"first step after {r['seconds_to_first_step']} s")
             lines.append(f"{row['cells']:>9} {stage:>9} {r['seconds']:>8} {r.get('cells_per_s') or '':>9} "
                          f"{r['peak_rss_mib']:>9}  {note}")
     return "\n".join(lines)
@@ -128,7 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     r.add_argument("--workdir", default="runs/harness")
     r.add_argument("--keep", action="store_true", help="keep the simulated files, stores and models")
+    r.add_argument("--ray", action="store_true", help="also train on 2 local Ray workers (time to first step)")
     r.add_argument("--json", dest="json_out", help="also write the report to this file")
+    sub.add_parser("side-by-side", help="DGD beside scVI (scvi-tools defaults): options of side_by_side.py")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["side-by-side"]:  # its own script, its own options: scVI runs in a venv of its own
+        script = Path(__file__).resolve().parent / "side_by_side.py"
+        raise SystemExit(subprocess.run([sys.executable, str(script), *argv[1:]]).returncode)
     args = p.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
@@ -139,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         row = {"cells": n}
         for stage in STAGES:
+            if stage == "train_ray" and not args.ray:
+                continue
             row[stage] = run_stage(stage, n, args, work)
             print(f"{n} cells, {stage}: {json.dumps(row[stage])}", file=sys.stderr, flush=True)
             if "error" in row[stage]:

@@ -13,6 +13,7 @@ representations. It is only a start: refinement follows as after the candidate s
 
 from __future__ import annotations
 
+import atlasdgd  # noqa: F401  (before torch: OpenMP's wait policy)
 import torch
 from torch import nn
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import atlasdgd  # noqa: E402,F401  (before torch: OpenMP's wait policy)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

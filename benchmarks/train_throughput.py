@@ -15,9 +15,9 @@ import resource
 import time
 import warnings
 
+import atlasdgd  # before torch: OpenMP's wait policy
 import torch
 
-import atlasdgd
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.trainer import Trainer

@@ -3,6 +3,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+
+import atlasdgd  # noqa: F401  (before torch: it sets OpenMP's wait policy, which torch's import fixes)
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -101,3 +101,4 @@ def test_tensorboard_gets_every_epochs_losses(tmp_path, capsys):
     logged = events.Scalars("loss/train_recon")
     assert [e.step for e in logged] == history["epoch"].tolist()
     assert [e.value for e in logged] == pytest.approx(history["train_recon"].tolist(), rel=1e-6)
+    assert [e.wall_time for e in logged] == pytest.approx(history["wall_time"].tolist(), rel=0, abs=1e-3)  # the epochs' own clock

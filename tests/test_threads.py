@@ -28,6 +28,16 @@ def test_too_late_once_torch_is_loaded_so_the_environment_is_left_alone():
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True,
                          timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "None"  # set now, it would claim an effect it cannot have
+    assert "torch was imported before atlasdgd" in out.stderr and "OMP_WAIT_POLICY=PASSIVE" in out.stderr
+
+
+@pytest.mark.parametrize("code,env", [("import atlasdgd, torch", {}), ("import torch, atlasdgd", {"OMP_WAIT_POLICY": "ACTIVE"}),
+                                      ("import torch, atlasdgd", {"ATLASDGD_OMP_WAIT_POLICY": "default"})])
+def test_no_warning_when_the_policy_is_in_place_or_chosen(code, env):
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "ATLASDGD_OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True,
+                         timeout=120)
+    assert "torch was imported before atlasdgd" not in out.stderr
 
 
 def test_malloc_arenas_are_capped_unless_the_user_chose(monkeypatch):

@@ -32,6 +32,23 @@ def prefer_passive_waiting() -> str | None:
     return os.environ.get("OMP_WAIT_POLICY")
 
 
+def warn_if_torch_came_first() -> bool:
+    """Warn (once, on ``import atlasdgd``) when torch was imported first with no policy chosen: OpenMP
+    has then already fixed its busy-waiting, and beside other busy processes training can be 30x
+    slower (issue 12). Returns whether it warned."""
+    if "torch" not in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        return False
+    if os.environ.get("ATLASDGD_OMP_WAIT_POLICY", "").lower() == "default":
+        return False
+    import warnings
+
+    warnings.warn("torch was imported before atlasdgd, so OpenMP's threads busy-wait: on cores shared with other "
+                  "busy processes training can run 30x slower. Import atlasdgd before torch, or set "
+                  "OMP_WAIT_POLICY=PASSIVE before Python starts (ATLASDGD_OMP_WAIT_POLICY=default silences this).",
+                  RuntimeWarning, stacklevel=3)
+    return True
+
+
 def worker_environment() -> dict[str, str]:
     """Environment for worker processes (Ray's ``runtime_env``): the same policy as this process."""
     policy = prefer_passive_waiting()

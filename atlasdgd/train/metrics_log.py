@@ -15,10 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def _scalars(row: dict) -> dict[str, float]:
-    """The finite numbers of a history row (no epoch/flags), as floats."""
+    """The finite numbers of a history row (no epoch/flags/clock), as floats."""
     out = {}
     for k, v in row.items():
-        if k in ("epoch", "best") or isinstance(v, bool):
+        if k in ("epoch", "best", "wall_time") or isinstance(v, bool):
             continue
         try:
             f = float(v)
@@ -42,7 +42,7 @@ class TensorBoardLog:
     def __call__(self, row: dict) -> None:
         for key, value in _scalars(row).items():
             group = "components" if key.startswith("component_") else "loss" if "recon" in key or "loss" in key else "run"
-            self.writer.add_scalar(f"{group}/{key}", value, int(row["epoch"]))
+            self.writer.add_scalar(f"{group}/{key}", value, int(row["epoch"]), walltime=row.get("wall_time"))
         self.writer.flush()
 
     def close(self) -> None:
