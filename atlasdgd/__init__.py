@@ -10,7 +10,8 @@ import importlib
 import sys
 import types
 
-from atlasdgd.runtime.threads import limit_malloc_arenas, prefer_passive_waiting, warn_if_torch_came_first
+from atlasdgd.runtime.malloc import limit_malloc_arenas
+from atlasdgd.runtime.threads import prefer_passive_waiting, warn_if_torch_came_first
 
 warn_if_torch_came_first()
 prefer_passive_waiting()  # before anything imports torch: OpenMP reads it once (see runtime/threads.py)

@@ -30,6 +30,7 @@ from atlasdgd.infer.query import DEFAULT_MIN_OVERLAP, Query, align_query
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import DGDModule
 from atlasdgd.runtime.device import on_device_of, resolve_device, to_numpy
+from atlasdgd.runtime.malloc import release_free_memory
 from atlasdgd.store.sources import open_cells
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.run import run_training
@@ -150,6 +151,7 @@ class DGD:
         self.cells = training_cells_table(self.module, self.data.obs, result.values)
         self.vocab.component_labels = component_labels(self.cells, self.vocab.label_key, self.model_config.n_components)
         self.vocab.label_transfer = fit_label_transfer(self.module, self.vocab, self.cells, cfg.seed)
+        release_free_memory()  # the output tables' and label transfer's scratch (see runtime/malloc.py)
         return self.history
 
     def to(self, device: str | torch.device) -> "DGD":

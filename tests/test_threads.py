@@ -1,6 +1,8 @@
-"""OpenMP's wait policy is set before torch loads, unless the user chose one."""
+"""OpenMP's wait policy is set before torch loads, unless the user chose one; glibc's allocator is kept from hoarding."""
 
+import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -41,9 +43,7 @@ def test_no_warning_when_the_policy_is_in_place_or_chosen(code, env):
 
 
 def test_malloc_arenas_are_capped_unless_the_user_chose(monkeypatch):
-    import platform
-
-    from atlasdgd.runtime.threads import limit_malloc_arenas
+    from atlasdgd.runtime.malloc import limit_malloc_arenas
 
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert limit_malloc_arenas() is False  # the user's choice is kept
@@ -53,3 +53,31 @@ def test_malloc_arenas_are_capped_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("ATLASDGD_MALLOC_ARENAS")
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert limit_malloc_arenas() is glibc
+
+
+RELEASE_CHILD = r"""
+import ctypes, json
+from atlasdgd.runtime.malloc import release_free_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+blocks = [libc.malloc(64 * 1024) for _ in range(2000)]  # 125 MiB below the mmap threshold: the heap
+for b in blocks:
+    ctypes.memset(b, 1, 64 * 1024)
+for b in blocks[::2]:  # every other block freed: holes between live blocks, out of the top trim's reach
+    libc.free(b)
+before = rss()
+released = release_free_memory()
+print(json.dumps({"released": released, "freed_mib": (before - rss()) / 2**20}))
+"""
+
+
+@pytest.mark.skipif(not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"), reason="glibc only")
+def test_free_memory_between_live_blocks_goes_back_to_the_system():
+    out = subprocess.run([sys.executable, "-c", RELEASE_CHILD], capture_output=True, text=True, check=True, timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["released"] is True
+    assert result["freed_mib"] > 0.8 * 62.5  # the 1,000 freed 64 KiB blocks

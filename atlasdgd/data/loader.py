@@ -21,6 +21,7 @@ import torch
 
 from atlasdgd.data.plan import BlockShufflePlan, shard_rows, steps_per_epoch
 from atlasdgd.model.module import Batch
+from atlasdgd.runtime.malloc import release_free_memory
 
 DEFAULT_BLOCK_CELLS = 1024  # cells per contiguous read of a source that does not set its own
 # cells of finished batches queued per unit of ``prefetch`` (8 batches of 128): counted in cells, not
@@ -56,10 +57,12 @@ class CellLoader:
         self._pin = self.device is not None and self.device.type == "cuda"
         self.modalities = list(source.modalities)
         self._n_features = {m: int(source.n_features(m)) for m in self.modalities}
-        self._library = {m: np.asarray(source.library(m), dtype=np.float32) for m in self.modalities}
-        self._covariates = source.covariate_codes()
-        self._observed = {m: np.asarray(source.observed[m], dtype=bool) for m in self.modalities}
-        self._all_observed = all(o[self.rows].all() for o in self._observed.values())
+        # per-cell annotations of this loader's rows only, by shard position (a copy of the source's
+        # whole columns per loader grew with the atlas, not with the shard)
+        self._library = {m: np.asarray(source.library(m), dtype=np.float32)[self.rows] for m in self.modalities}
+        self._covariates = source.covariate_codes()[self.rows]
+        self._observed = {m: np.asarray(source.observed[m], dtype=bool)[self.rows] for m in self.modalities}
+        self._all_observed = all(o.all() for o in self._observed.values())
         # query data measuring only some of the model's features (see atlasdgd.infer.query)
         subsets = source.feature_subsets() if hasattr(source, "feature_subsets") else None
         self._features = None if not subsets else {m: torch.as_tensor(np.asarray(i, dtype=np.int64))
@@ -92,6 +95,14 @@ class CellLoader:
                 parts = [self.source.read_rows(m, p) for p in pieces]
             blocks[m] = _stack_csr(parts)
         return blocks, positions
+
+    def _windows(self, windows: list[np.ndarray]) -> Iterator[tuple[dict, np.ndarray]]:
+        """Each window read in turn; before each read the allocator hands back what the windows and
+        batches before it freed (without it, training's peak grew with the epoch's length: 1.0 KB per
+        cell of the atlas, see :mod:`atlasdgd.runtime.malloc`)."""
+        for positions in windows:
+            release_free_memory()
+            yield self._read(positions)
 
     # -- one batch ---------------------------------------------------------------------------
     def batch(self, positions: np.ndarray) -> Batch:
@@ -135,12 +146,12 @@ class CellLoader:
         cells = self.rows[positions]
         observed = None
         if not self._all_observed:
-            observed = {m: torch.from_numpy(o[cells]) for m, o in self._observed.items()}
+            observed = {m: torch.from_numpy(o[positions]) for m, o in self._observed.items()}
         batch = Batch(
             index=torch.from_numpy(positions),
             counts=counts,
-            library={m: torch.from_numpy(lib[cells]) for m, lib in self._library.items()},
-            covariates=torch.from_numpy(self._covariates[cells]),
+            library={m: torch.from_numpy(lib[positions]) for m, lib in self._library.items()},
+            covariates=torch.from_numpy(self._covariates[positions]),
             observed=observed,
             features=self._features,
             cells=torch.from_numpy(cells),
@@ -176,7 +187,7 @@ class CellLoader:
             return
         span = self.plan.window_cells
         windows = [order[i : i + span] for i in range(0, len(order), span)]
-        batches = self._batches(order, (self._read(w) for w in windows))
+        batches = self._batches(order, self._windows(windows))
         if self.prefetch <= 0:
             yield from batches
             return

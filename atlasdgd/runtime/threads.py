@@ -53,28 +53,3 @@ def worker_environment() -> dict[str, str]:
     """Environment for worker processes (Ray's ``runtime_env``): the same policy as this process."""
     policy = prefer_passive_waiting()
     return {} if policy is None else {"OMP_WAIT_POLICY": policy}
-
-
-M_ARENA_MAX = -8  # glibc's mallopt parameter number
-ARENAS = 2
-
-
-def limit_malloc_arenas(arenas: int = ARENAS) -> bool:
-    """Cap glibc's malloc arenas (called on ``import atlasdgd``, before any of our threads start);
-    returns whether a cap was set. Every thread that allocates gets an arena of its own (up to 8 per core), and each keeps
-    the large buffers it freed (decoded chunks, windows, batches) for reuse: training 200k cells from a
-    store peaked at 1,883 MiB with the default, 1,294 MiB with 2 arenas, same speed (measured). A
-    thread takes its arena at its first allocation, so only threads that allocate afterwards are
-    capped (called later, when the loader starts, it saved nothing: the PCA start's reads had
-    already started zarrs' threads). Override: set ``MALLOC_ARENA_MAX`` yourself (it is kept), or
-    ``ATLASDGD_MALLOC_ARENAS=default`` to leave glibc's own default. A no-op off glibc."""
-    if os.environ.get("MALLOC_ARENA_MAX") or os.environ.get("ATLASDGD_MALLOC_ARENAS", "").lower() == "default":
-        return False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, int(arenas)))
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to cap
-        return False

@@ -47,7 +47,6 @@ class StoreCells(CellTable, LoadsBatches):
         self.feature_names = {m: pd.Index(store.var[m].index.astype(str)) for m in self._modalities}
         self.observed = {m: self.obs[f"observed_{m}"].to_numpy().astype(bool) for m in self._modalities}
         self._library = {m: self.obs[f"library_{m}"].to_numpy().astype(np.float32) for m in self._modalities}
-        self._covariates = self.covariate_codes()
         # the loader's unit of shuffled reading, not the ingest block: zarr chunks hold at most 256k
         # non-zeros (a few hundred cells), so 1,024-cell reads decode no more than they need, and a
         # window of 4 of them (4,096 cells) holds a quarter of what 4,096-cell units did (a window

@@ -23,8 +23,10 @@ from atlasdgd.model.module import DGDModule
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.runtime import sync
 from atlasdgd.runtime.device import check_precision, resolve_device, to_numpy
+from atlasdgd.runtime.malloc import release_free_memory
 from atlasdgd.train.checkpoint import DEFAULT_CHECKPOINT_SECONDS
 from atlasdgd.train.config import TrainConfig
+from atlasdgd.train.early_stopping import Snapshot
 from atlasdgd.train.init import mixture_start, pca_start
 from atlasdgd.train.trainer import Trainer
 
@@ -136,9 +138,11 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
         return source.loader(rows[split], cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world_size=world,
                              device=device)
 
+    # no table for the test cells: they are mapped as new cells after training (their own search)
     tables = {s: RepresentationTable(torch.from_numpy(init[mine[s]]), cfg.lr_representation, cfg.betas, device=device)
-              for s in SPLITS}
+              for s in ("train", "validation")}
     del init  # the tables hold this worker's rows from here on
+    release_free_memory()  # the start's reads and scratch, before the epochs allocate their own
     has_val = len(rows["validation"]) > 0
     trainer = Trainer(module, cfg, tables["train"], tables["validation"] if has_val else None,
                       n_train_total=len(rows["train"]))
@@ -150,13 +154,12 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
         state, best = checkpoints.load(latest, trainer, mine)
         resume_state = {"epoch": state["epoch"], "history": state["history"], "stopper": state["stopper"],
                         "snapshot": None if best is None else
-                        {"module": best["module"], "train": best.get("train"), "val": best.get("validation")}}
+                        Snapshot(best["module"], {s: best.get(s) for s in ("train", "validation")})}
 
     def after_epoch(epoch, history, stopper):
         if checkpoints is None or not schedule.due(epoch):
             return
-        snap = None if stopper is None else stopper.snapshot
-        best = None if snap is None else {"module": snap["module"], "train": snap["train"], "validation": snap["val"]}
+        best = None if stopper is None else stopper.snapshot  # its tables are read only if not yet written
         checkpoints.save(epoch, trainer, mine, {"history": history,
                                                 "stopper": None if stopper is None else stopper.state_dict()}, best,
                          best_epoch=None if stopper is None else stopper.best_epoch)
@@ -172,7 +175,9 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
     for table in tables.values():  # no step follows: the moments would only raise the peak of what comes next
         table.release_optimizer_state()
     del trainer
-    values = {s: to_numpy(tables[s].values) for s in SPLITS}
+    release_free_memory()  # the epochs' buffers, before the held-out cells' search
+    values = {s: to_numpy(table.values) for s, table in tables.items()}
+    values["test"] = np.zeros((0, module.config.representation_dim), dtype=np.float32)
     log.info("training: stopped after %d epochs", len(history))
     if len(mine["test"]):  # held-out cells are mapped the way new cells are
         log.info("test cells: mapping %d held-out cells for %d epochs", len(mine["test"]), cfg.heldout_epochs)
@@ -190,6 +195,7 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
         all_values = np.zeros((source.n_cells, dim), dtype=np.float32)
         for s in SPLITS:
             all_values[mine[s]] = values[s]
+    release_free_memory()  # before the caller builds the output tables
     train_rows = rows["train"]
     library = LibraryModel.fit({m: source.library(m)[train_rows] for m in source.modalities},
                                {m: o[train_rows] for m, o in source.observed.items()})

@@ -18,7 +18,7 @@ from atlasdgd.model.module import Batch, DGDModule
 from atlasdgd.runtime.sync import all_reduce_sum, allreduce_gradients, world_size
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.train.config import TrainConfig
-from atlasdgd.train.early_stopping import EarlyStopping
+from atlasdgd.train.early_stopping import EarlyStopping, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -163,21 +163,18 @@ class Trainer:
         if self.val_table is not None and state.get("validation") is not None:
             self.val_table.load_state_dict(state["validation"])
 
-    def state(self) -> dict:
-        """What early stopping keeps: dense weights and the representation values."""
-        return {
-            "module": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
-            "train": self.train_table.values.clone(),
-            "val": None if self.val_table is None else self.val_table.values.clone(),
-        }
+    def state(self) -> Snapshot:
+        """What early stopping keeps: dense weights (in memory) and the representation values (on disk)."""
+        return Snapshot({k: v.detach().clone() for k, v in self.module.state_dict().items()},
+                        {"train": self.train_table.values,
+                         "validation": None if self.val_table is None else self.val_table.values})
 
-    def restore(self, state: dict) -> None:
-        """Back to a :meth:`state`; its tables are taken over, not copied (the state is not used again:
-        a copy was one more [cells x dims] array at the end of training)."""
+    def restore(self, state: Snapshot) -> None:
+        """Back to a :meth:`state`: its tables are read back into the representation tables."""
         self.module.load_state_dict(state["module"])
         self.train_table.values = state["train"].to(self.train_table.device).contiguous()
-        if self.val_table is not None and state["val"] is not None:
-            self.val_table.values = state["val"].to(self.val_table.device).contiguous()
+        if self.val_table is not None and (val := state["validation"]) is not None:
+            self.val_table.values = val.to(self.val_table.device).contiguous()
 
     def fit(
         self,
@@ -228,7 +225,6 @@ class Trainer:
             if not math.isfinite(row["train_loss"]):
                 raise FloatingPointError(f"training loss became {row['train_loss']} at epoch {epoch}: lower the learning rates")
             if stopper is not None and stopper.update(epoch, row["val_recon"]):
-                stopper.keep(None)  # the old snapshot goes before the new one is copied: one copy at a time
                 stopper.keep(self.state())
             if after_epoch is not None:
                 after_epoch(epoch, history, stopper)
@@ -239,6 +235,7 @@ class Trainer:
             log.info("training: best validation reconstruction at epoch %d", stopper.best_epoch)
         if stopper is not None and stopper.snapshot is not None:
             self.restore(stopper.snapshot)
+            stopper.keep(None)  # its file goes now, not when the stopper is collected
             for row in history:
                 row["best"] = row["epoch"] == stopper.best_epoch
         return history
