@@ -68,3 +68,17 @@ def test_training_ends_at_the_best_epochs_weights_and_representations():
     for k, v in module.state_dict().items():
         torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
     assert len(os.listdir("/proc/self/fd")) == files_before  # the snapshot's file is gone
+
+
+def test_a_snapshot_stays_in_memory_when_the_temporary_directory_cannot_be_written(monkeypatch, caplog):
+    def unwritable(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("atlasdgd.train.early_stopping.tempfile.TemporaryFile", unwritable)
+    train = torch.randn(20, 3)
+    snap = Snapshot({}, {"train": train, "validation": None})
+    kept = train.clone()
+    train.zero_()
+    torch.testing.assert_close(snap["train"], kept, rtol=0, atol=0)
+    assert snap["validation"] is None
+    assert "No space left on device" in caplog.text and "TMPDIR" in caplog.text

@@ -125,6 +125,7 @@ def _two_step(module: DGDModule, starts: torch.Tensor, train_loader, eval_loader
         table = RepresentationTable(starts[:, j], opt.lr, opt.betas, device=module_device(module))
         fit_representations(module, train_loader, table, opt.two_step_epochs, progress=progress,
                             desc=f"two-step candidate {j + 1}/{starts.shape[1]}")
+        table.release_optimizer_state()  # only the end positions are compared: moments were 2/3 of each table
         ends.append(table.values)
         end_loss.append(torch.from_numpy(cell_losses(module, eval_loader, table.values)[0]))
     choice = torch.stack(end_loss, 1).argmin(1)

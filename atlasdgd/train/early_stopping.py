@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 
 from atlasdgd.runtime.device import to_numpy
+
+log = logging.getLogger(__name__)
 
 
 class Snapshot:
@@ -25,19 +28,31 @@ class Snapshot:
 
     def __init__(self, module_state: dict[str, torch.Tensor], tables: dict[str, torch.Tensor | None]):
         self.module_state = module_state
-        self._file = tempfile.TemporaryFile(prefix="atlasdgd-best-")
         self._where: dict[str, tuple[int, torch.device] | None] = {}
-        for name, values in tables.items():
-            if values is None:
-                self._where[name] = None
-                continue
-            self._where[name] = (self._file.tell(), values.device)
-            np.save(self._file, to_numpy(values), allow_pickle=False)
-        self._file.flush()
+        self._held: dict[str, torch.Tensor] | None = None  # in memory when the file cannot be written
+        self._file = None
+        try:
+            self._file = tempfile.TemporaryFile(prefix="atlasdgd-best-")
+            for name, values in tables.items():
+                if values is not None:
+                    self._where[name] = (self._file.tell(), values.device)
+                    np.save(self._file, to_numpy(values), allow_pickle=False)
+            self._file.flush()
+        except OSError as e:  # a full or read-only TMPDIR costs memory, not the training run
+            log.warning("early stopping keeps its snapshot in memory: cannot write it to %s (%s); set TMPDIR to "
+                        "a writable disk to save that memory", tempfile.gettempdir(), e)
+            if self._file is not None:
+                self._file.close()
+            self._file = None
+            self._where = {}
+            self._held = {name: values.detach().clone() for name, values in tables.items() if values is not None}
+        self._where.update({name: None for name, values in tables.items() if values is None})
 
     def __getitem__(self, key: str):
         if key == "module":
             return self.module_state
+        if self._held is not None:
+            return self._held[key].clone() if key in self._held else self._where[key]
         where = self._where[key]
         if where is None:
             return None
@@ -46,10 +61,13 @@ class Snapshot:
         return torch.from_numpy(np.load(self._file, allow_pickle=False)).to(device)
 
     def get(self, key: str, default=None):
-        return self[key] if key == "module" or key in self._where else default
+        known = key == "module" or key in self._where or (self._held is not None and key in self._held)
+        return self[key] if known else default
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+        self._held = None if self._held is None else {}
 
 
 class EarlyStopping:
