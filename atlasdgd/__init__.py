@@ -11,10 +11,10 @@ import sys
 import types
 
 from atlasdgd.runtime.malloc import limit_malloc_arenas
-from atlasdgd.runtime.threads import prefer_passive_waiting, warn_if_torch_came_first
+from atlasdgd.runtime.threads import prefer_short_spinning, warn_if_torch_came_first
 
 warn_if_torch_came_first()
-prefer_passive_waiting()  # before anything imports torch: OpenMP reads it once (see runtime/threads.py)
+prefer_short_spinning()  # before anything imports torch: OpenMP reads it once (see runtime/threads.py)
 limit_malloc_arenas()  # before any thread allocates: arenas are taken at a thread's first allocation
 
 __version__ = "0.1.0"

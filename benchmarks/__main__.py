@@ -3,8 +3,8 @@
     python -m benchmarks run [--sizes 10k,100k,1M] [--genes 2000] [--epochs 2] [--ray] [--json report.json]
     python -m benchmarks side-by-side [--datasets simulated,kang] ...   (DGD beside scVI: side_by_side.py)
 
-Every stage runs in a fresh process (its peak RSS is its own, from getrusage) with OMP_WAIT_POLICY=PASSIVE
-and the given torch threads. Recorded per size and stage: wall seconds, cells/s and peak RSS; for training
+Every stage runs in a fresh process (its peak RSS is its own, from getrusage) with atlasdgd's OpenMP
+spin (GOMP_SPINCOUNT=3000, atlasdgd/runtime/threads.py) and the given torch threads. Recorded per size and stage: wall seconds, cells/s and peak RSS; for training
 also seconds per epoch and training cells/s. The compute floor (forward + backward matrix products of
 the decoder at batch 128, :func:`benchmarks.train_throughput.matmul_floor`) is measured in the same run,
 so "% of floor" compares like with like. Stores are written with ``order="split"``. The data live in
@@ -103,7 +103,7 @@ def parse_size(text: str) -> int:
 
 
 def run_stage(stage: str, n: int, args, work: Path) -> dict:
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # the stage imports atlasdgd first: its OpenMP spin
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", CHILD, stage, str(n), str(args.genes), str(args.epochs),
                           str(args.threads), str(work)], capture_output=True, text=True, env=env)
@@ -117,7 +117,7 @@ def run_stage(stage: str, n: int, args, work: Path) -> dict:
 
 
 def floor_ms(genes: int, threads: int) -> float:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in the stages (torch is first imported here)
+    import atlasdgd  # noqa: F401  # before torch: the same OpenMP spin as the stages
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-samples", type=int, default=25, help="posterior samples of z for the test means")
     args = p.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (the caller sets it too)
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")  # before torch loads, as atlasdgd does (the caller sets it too)
     warnings.filterwarnings("ignore")
 
     import anndata as ad

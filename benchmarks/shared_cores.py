@@ -1,11 +1,11 @@
-"""Training beside a busy process: OpenMP's wait policy decides whether sharing cores costs 2x or 30x.
+"""Training beside a busy process: how OpenMP's threads wait decides whether sharing cores costs 2x or 30x.
 
     python benchmarks/shared_cores.py [--cells 20000] [--epochs 3] [--threads 2]
 
 Runs the same short training (simulated cells, fixed epochs) in a fresh process for each case:
 alone, and beside a busy 2-thread process (torch matmuls in a loop, OpenMP's default policy, as
-another job would be), each with atlasdgd's default (passive waiting) and with OpenMP's default
-(``ATLASDGD_OMP_WAIT_POLICY=default``). Prints one JSON line per case: seconds per epoch.
+another job would be), each with atlasdgd's default (a short spin, GOMP_SPINCOUNT=3000) and with OpenMP's default
+(``ATLASDGD_OMP_WAIT_POLICY=default``) and with no spin (``OMP_WAIT_POLICY=PASSIVE``). Prints one JSON line per case: seconds per epoch.
 """
 
 from __future__ import annotations
@@ -38,9 +38,14 @@ while True:
 
 
 def run(args, busy: bool, policy: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "ATLASDGD_OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "ATLASDGD_OMP_WAIT_POLICY")}
     if policy == "openmp-default":
         env["ATLASDGD_OMP_WAIT_POLICY"] = "default"
+    elif policy == "passive":  # no spin at all (atlasdgd's default until 2026-12-03)
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    elif policy.startswith("spin="):  # another spin count, to compare
+        env["GOMP_SPINCOUNT"] = policy[5:]
     other = subprocess.Popen([sys.executable, "-c", BUSY], env={k: v for k, v in env.items()
                                                               if k != "ATLASDGD_OMP_WAIT_POLICY"}) if busy else None
     try:
@@ -64,10 +69,14 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--policies", default="atlasdgd-default,passive,openmp-default",
+                   help="comma-separated: atlasdgd-default, passive, openmp-default, spin=N")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the cases, alternating (this machine drifts)")
     args = p.parse_args()
-    for busy in (False, True):
-        for policy in ("atlasdgd-default", "openmp-default"):
-            print(json.dumps(run(args, busy, policy)), flush=True)
+    for _ in range(args.rounds):
+        for busy in (False, True):
+            for policy in args.policies.split(","):
+                print(json.dumps(run(args, busy, policy)), flush=True)
 
 
 if __name__ == "__main__":

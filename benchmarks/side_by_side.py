@@ -8,7 +8,7 @@ For each data set (simulated: 10 types, 4 batches; Kang PBMC: 4 types, donor as 
 80/10/10 by label x batch, :func:`atlasdgd.data.adapters.prepare`) and written as an obs column, so
 both tools train on the same cells, early-stop on the same validation cells and are scored on the
 same test cells. Each tool trains in a fresh process of its own (peak RSS is its own, from
-getrusage), one after the other, with ``--threads`` torch threads and OMP_WAIT_POLICY=PASSIVE:
+getrusage), one after the other, with ``--threads`` torch threads and GOMP_SPINCOUNT=3000 (atlasdgd's OpenMP spin, for both):
 DGD here (``python side_by_side.py dgd-peer ...``, the repository's venv), scVI through
 ``benchmarks/scvi_peer.py`` in its own venv (scvi-tools must not constrain the project's packages).
 Each tool uses its own defaults and its own early stopping (DGD: min 50 epochs, patience 10, best
@@ -132,7 +132,7 @@ def make_data(name: str, args, work: Path) -> Path | None:
 
 def run_peer(cmd: list[str], threads: int) -> dict:
     """One tool in a fresh process: its stderr passes through, its last stdout line is its JSON."""
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore",
+    env = {**os.environ, "GOMP_SPINCOUNT": "3000", "PYTHONWARNINGS": "ignore",
            **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
     res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     lines = res.stdout.strip().splitlines()

@@ -1,4 +1,4 @@
-"""OpenMP's wait policy is set before torch loads, unless the user chose one; glibc's allocator is kept from hoarding."""
+"""OpenMP's waiting is set before torch loads (a short spin), unless the user chose; glibc's allocator is kept from hoarding."""
 
 import json
 import os
@@ -8,38 +8,45 @@ import sys
 
 import pytest
 
-PROBE = "import atlasdgd, torch, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "ATLASDGD_OMP_WAIT_POLICY")
+PROBE = "import {order}, os; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
 
 
-def _policy(**env) -> str:
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "ATLASDGD_OMP_WAIT_POLICY")}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
-                         check=True, timeout=120)
-    return out.stdout.strip().splitlines()[-1]
+def _run(order: str = "atlasdgd, torch", **env) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    return subprocess.run([sys.executable, "-c", PROBE.format(order=order)], env={**clean, **env},
+                          capture_output=True, text=True, check=True, timeout=120)
 
 
-@pytest.mark.parametrize("env,expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
-                                          ({"ATLASDGD_OMP_WAIT_POLICY": "default"}, "None")])
-def test_passive_waiting_unless_the_user_chose(env, expected):
-    assert _policy(**env) == expected
+@pytest.mark.parametrize("env,expected", [({}, "None 3000"), ({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None"),
+                                          ({"GOMP_SPINCOUNT": "0"}, "None 0"),
+                                          ({"ATLASDGD_OMP_WAIT_POLICY": "default"}, "None None")])
+def test_a_short_spin_unless_the_user_chose(env, expected):
+    assert _run(**env).stdout.strip().splitlines()[-1] == expected
+
+
+def test_ray_workers_get_the_same_settings(monkeypatch):
+    from atlasdgd.runtime.threads import worker_environment
+
+    for key in SETTINGS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "3000")  # as this process has it
+    assert worker_environment() == {"GOMP_SPINCOUNT": "3000"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert worker_environment() == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000"}
 
 
 def test_too_late_once_torch_is_loaded_so_the_environment_is_left_alone():
-    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    code = "import torch, atlasdgd, os; print(os.environ.get('OMP_WAIT_POLICY'))"
-    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True,
-                         timeout=120)
-    assert out.stdout.strip().splitlines()[-1] == "None"  # set now, it would claim an effect it cannot have
-    assert "torch was imported before atlasdgd" in out.stderr and "OMP_WAIT_POLICY=PASSIVE" in out.stderr
+    out = _run("torch, atlasdgd")
+    assert out.stdout.strip().splitlines()[-1] == "None None"  # set now, it would claim an effect it cannot have
+    assert "torch was imported before atlasdgd" in out.stderr and "GOMP_SPINCOUNT=3000" in out.stderr
 
 
-@pytest.mark.parametrize("code,env", [("import atlasdgd, torch", {}), ("import torch, atlasdgd", {"OMP_WAIT_POLICY": "ACTIVE"}),
-                                      ("import torch, atlasdgd", {"ATLASDGD_OMP_WAIT_POLICY": "default"})])
-def test_no_warning_when_the_policy_is_in_place_or_chosen(code, env):
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "ATLASDGD_OMP_WAIT_POLICY")}
-    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True,
-                         timeout=120)
-    assert "torch was imported before atlasdgd" not in out.stderr
+@pytest.mark.parametrize("order,env", [("atlasdgd, torch", {}), ("torch, atlasdgd", {"OMP_WAIT_POLICY": "ACTIVE"}),
+                                       ("torch, atlasdgd", {"GOMP_SPINCOUNT": "1000"}),
+                                       ("torch, atlasdgd", {"ATLASDGD_OMP_WAIT_POLICY": "default"})])
+def test_no_warning_when_the_setting_is_in_place_or_chosen(order, env):
+    assert "torch was imported before atlasdgd" not in _run(order, **env).stderr
 
 
 def test_malloc_arenas_are_capped_unless_the_user_chose(monkeypatch):
