@@ -8,7 +8,11 @@ But PASSIVE makes every parallel region wake a sleeping thread, and on this proj
 is large and erratic: one 2-thread training step alone took 20-73 ms (PASSIVE) against 16 ms
 (default), minutes apart. A short spin keeps both: ``GOMP_SPINCOUNT=3000`` took 18-19 ms alone and
 33-35 ms beside a busy 2-thread process (PASSIVE: 27 ms there; 1 thread: 21 alone, 27 beside;
-2026-12-03, 8,000 x 2,000 simulated cells, batch 128). So atlasdgd sets that spin count.
+2026-12-03, 8,000 x 2,000 simulated cells, batch 128). Whole epochs (benchmarks/shared_cores.py,
+with the loader's thread) were noisier: spin 1.2-3.4 s alone and 2.1-2.3 beside the busy process,
+no spin 3.0-3.4 alone and 1.3 beside it (a busy neighbour probably keeps this VM's CPUs awake). So
+atlasdgd sets that spin count: a node of its own is where speed is judged, and beside a busy
+process both stay within 2x of alone.
 
 The settings are read once, when the OpenMP runtime loads, which happens when torch is imported.
 So :func:`prefer_short_spinning` runs in ``atlasdgd/__init__`` before anything imports torch. The
