@@ -28,8 +28,8 @@ class Snapshot:
 
     def __init__(self, module_state: dict[str, torch.Tensor], tables: dict[str, torch.Tensor | None]):
         self.module_state = module_state
-        self._where: dict[str, tuple[int, torch.device] | None] = {}
-        self._held: dict[str, torch.Tensor] | None = None  # in memory when the file cannot be written
+        # table name -> (offset, device) in the file; a tensor when the file cannot be written; None: no table
+        self._where: dict[str, tuple[int, torch.device] | torch.Tensor | None] = dict.fromkeys(tables)
         self._file = None
         try:
             self._file = tempfile.TemporaryFile(prefix="atlasdgd-best-")
@@ -43,31 +43,26 @@ class Snapshot:
                         "a writable disk to save that memory", tempfile.gettempdir(), e)
             if self._file is not None:
                 self._file.close()
-            self._file = None
-            self._where = {}
-            self._held = {name: values.detach().clone() for name, values in tables.items() if values is not None}
-        self._where.update({name: None for name, values in tables.items() if values is None})
+                self._file = None
+            self._where = {name: None if values is None else values.detach().clone() for name, values in tables.items()}
 
     def __getitem__(self, key: str):
         if key == "module":
             return self.module_state
-        if self._held is not None:
-            return self._held[key].clone() if key in self._held else self._where[key]
         where = self._where[key]
-        if where is None:
-            return None
+        if where is None or isinstance(where, torch.Tensor):
+            return None if where is None else where.clone()
         offset, device = where
         self._file.seek(offset)
         return torch.from_numpy(np.load(self._file, allow_pickle=False)).to(device)
 
     def get(self, key: str, default=None):
-        known = key == "module" or key in self._where or (self._held is not None and key in self._held)
-        return self[key] if known else default
+        return self[key] if key == "module" or key in self._where else default
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-        self._held = None if self._held is None else {}
+        self._where = {}  # a closed snapshot has nothing to give
 
 
 class EarlyStopping:
