@@ -355,8 +355,9 @@ def cmd_ingest(args) -> None:
         if args.shuffle or args.order not in (None, "input"):
             raise AtlasDGDError("--shuffle/--order apply to zarr stores; a SOMA experiment keeps the input's order")
         out = ingest_soma(args.input, args.store, label_key=args.label_key, covariate_keys=args.covariate_key,
-                          split_key=args.split_key, layer=args.layer, seed=args.seed, overwrite=args.overwrite,
-                          chunk_cells=args.chunk_cells)
+                          split_key=args.split_key, layer=args.layer, min_cells_fraction=args.min_cells_fraction,
+                          seed=args.seed, overwrite=args.overwrite, chunk_cells=args.chunk_cells,
+                          progress=not args.quiet)
     else:
         from atlasdgd.store.ingest import ingest
 

@@ -359,6 +359,45 @@ def test_soma_and_zarr_backends_give_the_same_batches(h5mu, tmp_path):
         np.testing.assert_array_equal(a.covariates.numpy(), b.covariates.numpy())
 
 
+def test_soma_ingest_reads_the_input_block_by_block_and_leaves_nothing_when_a_block_is_bad(tmp_path, monkeypatch):
+    """Out of core: no read asks for more than one block of cells; counts, library sizes and the
+    feature filter come out as the input says; a bad block late in the input leaves no experiment."""
+    import atlasdgd.store.ingest as ingest_module
+    from atlasdgd.errors import InputError
+    from atlasdgd.store.soma import ingest_soma
+
+    rng = np.random.default_rng(3)
+    x = sparse.random(700, 40, density=0.3, format="lil", random_state=4, dtype=np.float32)
+    x[:, 39] = 0  # a feature detected nowhere: the filter drops it
+    x[:, 0] = 1  # no empty cell
+    x = x.tocsr()
+    x.data = rng.integers(1, 20, size=x.nnz).astype(np.float32)
+    obs = pd.DataFrame({"cell_type": rng.choice(["a", "b"], 700), "batch": rng.choice(["p", "q"], 700)},
+                       index=[f"c{i}" for i in range(700)])
+    good = tmp_path / "good.h5ad"
+    ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(40)])).write_h5ad(good)
+    sizes = []
+    read_block = ingest_module._read_block
+    monkeypatch.setattr(ingest_module, "_read_block", lambda root, mod, cells, n: sizes.append(len(cells)) or
+                        read_block(root, mod, cells, n))
+    uri = ingest_soma(str(good), f"soma://{tmp_path / 'a.soma'}", label_key="cell_type", covariate_keys=["batch"],
+                      min_cells_fraction=0.01, chunk_cells=128)
+    assert max(sizes) <= 128 and sum(sizes[-6:]) == 700  # the last six reads are the blocks (the first: the filter's)
+    cells = open_store(f"soma://{uri}")
+    assert list(cells.store.var["rna"].index) == [f"g{j}" for j in range(39)]
+    np.testing.assert_array_equal(cells.store.read_range("rna", 0, 700).toarray(), x[:, :39].toarray())
+    np.testing.assert_array_equal(cells.library("rna"), np.asarray(x.sum(axis=1)).ravel())
+    np.testing.assert_array_equal(cells.obs_names, obs.index)
+
+    bad = x.tolil()
+    bad[650, 3] = 2.5  # non-integer, in the last block
+    ad.AnnData(X=bad.tocsr(), obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(40)])).write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(InputError, match="640-699"):
+        ingest_soma(str(tmp_path / "bad.h5ad"), f"soma://{tmp_path / 'b.soma'}", chunk_cells=128)
+    assert not (tmp_path / "b.soma").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.soma.tmp")]
+
+
 def test_s3_round_trip_ingest_and_train(h5mu, s3, tmp_path):
     uri = "s3://atlas-bucket/atlas.zarr"
     option_args = [f"--storage-option={k}={v}" for k, v in s3.items()]

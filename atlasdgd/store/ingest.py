@@ -10,6 +10,7 @@ stored per-feature statistics are computed on the way, after the filter. The cel
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,39 +154,51 @@ def _detection_counts(path: str, mods: dict[str, _Modality], n_cells: int, chunk
     return out
 
 
-def ingest(
+@dataclass
+class IngestPlan:
+    """Everything an ingest decides before it reads counts: checked first, so bad input fails
+    before anything is written. Shared by the zarr store and the TileDB-SOMA writer."""
+
+    input_path: str
+    obs: pd.DataFrame  # the cell table in store order (library and observed columns come with the counts)
+    mods: dict[str, _Modality]
+    keep: dict[str, np.ndarray]  # kept features per modality
+    order: np.ndarray  # input cell of each store row
+    order_name: str
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.order)
+
+    def observed(self, modality: str) -> np.ndarray:
+        rows = self.mods[modality].rows
+        return np.ones(self.n_cells, bool) if rows is None else rows[self.order] >= 0
+
+    def density(self) -> dict[str, float]:
+        """Expected non-zeros per cell and kept feature, from the first cells (sizes the zarr chunks)."""
+        out = {}
+        with _open(self.input_path) as root:
+            for m, mod in self.mods.items():
+                probe = _read_block(root, mod, self.order[: min(self.n_cells, 256)], len(mod.var))
+                out[m] = probe.nnz / max(1, probe.shape[0]) * len(self.keep[m]) / max(1, len(mod.var))
+        return out
+
+
+def plan_ingest(
     input_path: str,
-    store_uri: str,
     *,
     label_key: str | None = None,
     covariate_keys: list[str] | tuple[str, ...] = (),
     split_key: str | None = None,
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     layer: str | None = None,
-    shuffle: bool = False,
-    order: str | None = None,
+    order: str = "input",
     min_cells_fraction: float = 0.0,
     chunk_cells: int = 4096,
     seed: int = 0,
-    overwrite: bool = False,
-    storage_options: dict | None = None,
-    progress: bool = True,
-) -> str:
-    """Convert an input file into an atlas store; returns the store URI.
-
-    Args:
-        label_key, covariate_keys, split_key: the store's default label and covariates (covariates become
-            categorical); without ``split_key`` a stratified ``split_fractions`` split (seeded) is stored.
-            Every other obs column is kept as well (text as categoricals), so a later training run
-            may name any of them.
-        order: the store's cell order, one of :data:`ORDERS` (default "input"; ``shuffle=True`` is
-            ``order="shuffle"``). "split" is the fastest for training: held-out cells are contiguous.
-        min_cells_fraction: keep features detected in at least this fraction of cells.
-    """
-    from tqdm.auto import tqdm
-
-    from atlasdgd import __version__
-
+) -> IngestPlan:
+    """The cell table, split, kept features and cell order of an ingest (see :func:`ingest`); reads
+    no counts unless ``min_cells_fraction`` needs detection counts."""
     if not Path(input_path).exists():
         raise InputError(f"input {input_path!r} does not exist")
     if not str(input_path).rstrip("/").endswith((".h5ad", ".h5mu", ".zarr")):
@@ -194,9 +207,6 @@ def ingest(
         raise InputError(f"min_cells_fraction must be in [0, 1), got {min_cells_fraction}")
     if chunk_cells < 1:
         raise InputError(f"chunk_cells must be >= 1, got {chunk_cells}")
-    if order is not None and shuffle and order != "shuffle":
-        raise InputError(f"shuffle=True and order={order!r} contradict each other: pass one")
-    order = order or ("shuffle" if shuffle else "input")
     if order not in ORDERS:
         raise InputError(f"unknown cell order {order!r}: use one of {sorted(ORDERS)}")
     obs_in, mods = _describe(str(input_path), layer)
@@ -244,55 +254,111 @@ def ingest(
         empty = [m for m, k in keep.items() if len(k) == 0]
         if empty:
             raise InputError(f"no feature of {empty} is detected in {min_cells_fraction:.1%} of cells: lower --min-cells-fraction")
+    permutation = cell_order(obs[SPLIT_KEY].to_numpy(), order, seed)
+    return IngestPlan(str(input_path), obs.iloc[permutation], mods, keep, permutation, order)
 
-    order_name, order = order, cell_order(obs[SPLIT_KEY].to_numpy(), order, seed)
-    obs = obs.iloc[order]
-    density = {}
-    with _open(str(input_path)) as root:  # expected density from the first block sizes the chunks
-        for m, mod in mods.items():
-            probe = _read_block(root, mod, order[: min(n, 256)], len(mod.var))
-            density[m] = probe.nnz / max(1, probe.shape[0]) * len(keep[m]) / max(1, len(mod.var))
-    writer = StoreWriter(store_uri, n, {m: (len(keep[m]), density[m]) for m in mods}, chunk_cells=chunk_cells,
-                         overwrite=overwrite, storage_options=storage_options)
+
+class BlockTotals:
+    """Per-cell library sizes and per-feature detection counts and totals, summed over the blocks."""
+
+    def __init__(self, plan: IngestPlan):
+        self.library = {m: np.zeros(plan.n_cells, np.float32) for m in plan.mods}
+        self.detected = {m: np.zeros(len(plan.keep[m]), np.int64) for m in plan.mods}
+        self.totals = {m: np.zeros(len(plan.keep[m]), np.float64) for m in plan.mods}
+
+    def add(self, modality: str, start: int, block: sparse.csr_matrix) -> None:
+        self.library[modality][start : start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
+        self.detected[modality] += np.bincount(block.indices, minlength=block.shape[1])
+        self.totals[modality] += np.asarray(block.sum(axis=0)).ravel()
+
+
+def count_blocks(plan: IngestPlan, chunk_cells: int, totals: BlockTotals, progress: bool = True,
+                 desc: str = "ingesting") -> Iterator[tuple[int, dict[str, sparse.csr_matrix]]]:
+    """``(first store row, modality -> CSR block)`` of ``chunk_cells`` cells at a time in store order:
+    checked (integer counts, no cell empty in every modality), filtered to the kept features,
+    explicit zeros removed, and added to ``totals``. Memory is one block per modality."""
+    from tqdm.auto import tqdm
+
+    order = plan.order
+    with _open(plan.input_path) as root:
+        for start in tqdm(range(0, plan.n_cells, chunk_cells), desc=desc, unit="block", disable=not progress,
+                          dynamic_ncols=True):
+            cells = order[start : start + chunk_cells]
+            blocks = {}
+            for m, mod in plan.mods.items():
+                block = _read_block(root, mod, cells, len(mod.var))
+                _check_block(m, block, start)
+                if len(plan.keep[m]) != block.shape[1]:
+                    block = sparse.csr_matrix(block[:, plan.keep[m]])
+                block.eliminate_zeros()
+                totals.add(m, start, block)
+                blocks[m] = block
+            any_counts = sum(totals.library[m][start : start + len(cells)] for m in plan.mods)
+            if (any_counts == 0).any():
+                bad = plan.obs.index[start + int(np.flatnonzero(any_counts == 0)[0])]
+                raise InputError(f"cell {bad!r} has zero counts in every modality: filter empty cells first")
+            yield start, blocks
+
+
+def ingest(
+    input_path: str,
+    store_uri: str,
+    *,
+    label_key: str | None = None,
+    covariate_keys: list[str] | tuple[str, ...] = (),
+    split_key: str | None = None,
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    layer: str | None = None,
+    shuffle: bool = False,
+    order: str | None = None,
+    min_cells_fraction: float = 0.0,
+    chunk_cells: int = 4096,
+    seed: int = 0,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+    progress: bool = True,
+) -> str:
+    """Convert an input file into an atlas store; returns the store URI.
+
+    Args:
+        label_key, covariate_keys, split_key: the store's default label and covariates (covariates become
+            categorical); without ``split_key`` a stratified ``split_fractions`` split (seeded) is stored.
+            Every other obs column is kept as well (text as categoricals), so a later training run
+            may name any of them.
+        order: the store's cell order, one of :data:`ORDERS` (default "input"; ``shuffle=True`` is
+            ``order="shuffle"``). "split" is the fastest for training: held-out cells are contiguous.
+        min_cells_fraction: keep features detected in at least this fraction of cells.
+    """
+    from atlasdgd import __version__
+
+    if order is not None and shuffle and order != "shuffle":
+        raise InputError(f"shuffle=True and order={order!r} contradict each other: pass one")
+    plan = plan_ingest(input_path, label_key=label_key, covariate_keys=covariate_keys, split_key=split_key,
+                       split_fractions=split_fractions, layer=layer, order=order or ("shuffle" if shuffle else "input"),
+                       min_cells_fraction=min_cells_fraction, chunk_cells=chunk_cells, seed=seed)
+    density = plan.density()
+    writer = StoreWriter(store_uri, plan.n_cells, {m: (len(plan.keep[m]), density[m]) for m in plan.mods},
+                         chunk_cells=chunk_cells, overwrite=overwrite, storage_options=storage_options)
     try:
-        library = {m: np.zeros(n, np.float32) for m in mods}
-        observed = {m: np.ones(n, bool) if mod.rows is None else mod.rows[order] >= 0 for m, mod in mods.items()}
-        detected = {m: np.zeros(len(keep[m]), np.int64) for m in mods}
-        totals = {m: np.zeros(len(keep[m]), np.float64) for m in mods}
-        with _open(str(input_path)) as root:
-            for start in tqdm(range(0, n, chunk_cells), desc="ingesting", unit="block", disable=not progress,
-                              dynamic_ncols=True):
-                cells = order[start : start + chunk_cells]
-                any_counts = np.zeros(len(cells))
-                for m, mod in mods.items():
-                    block = _read_block(root, mod, cells, len(mod.var))
-                    _check_block(m, block, start)
-                    if len(keep[m]) != block.shape[1]:
-                        block = sparse.csr_matrix(block[:, keep[m]])
-                    block.eliminate_zeros()
-                    lib = np.asarray(block.sum(axis=1)).ravel()
-                    library[m][start : start + len(cells)] = lib
-                    any_counts += lib
-                    detected[m] += np.bincount(block.indices, minlength=block.shape[1])
-                    totals[m] += np.asarray(block.sum(axis=0)).ravel()
-                    writer.append(m, block)
-                if (any_counts == 0).any():
-                    bad = obs.index[start + int(np.flatnonzero(any_counts == 0)[0])]
-                    raise InputError(f"cell {bad!r} has zero counts in every modality: filter empty cells first")
-        for m in mods:
-            obs[f"library_{m}"] = library[m]
-            obs[f"observed_{m}"] = observed[m]
+        totals = BlockTotals(plan)
+        for _, blocks in count_blocks(plan, chunk_cells, totals, progress):
+            for m, block in blocks.items():
+                writer.append(m, block)
+        obs = plan.obs
+        for m in plan.mods:
+            obs[f"library_{m}"] = totals.library[m]
+            obs[f"observed_{m}"] = plan.observed(m)
         var = {}
-        for m, mod in mods.items():
-            v = pd.DataFrame(index=pd.Index(mod.var.index.astype(str)[keep[m]]))
-            v["n_cells_detected"] = detected[m]
-            v["total_counts"] = totals[m]
+        for m, mod in plan.mods.items():
+            v = pd.DataFrame(index=pd.Index(mod.var.index.astype(str)[plan.keep[m]]))
+            v["n_cells_detected"] = totals.detected[m]
+            v["total_counts"] = totals.totals[m]
             var[m] = v
         manifest = StoreManifest(
-            n_cells=n,
-            modalities={m: {"n_features": len(keep[m]), "nnz": int(detected[m].sum())} for m in mods},
+            n_cells=plan.n_cells,
+            modalities={m: {"n_features": len(plan.keep[m]), "nnz": int(totals.detected[m].sum())} for m in plan.mods},
             label_key=label_key, covariate_keys=list(covariate_keys), obs_columns=list(obs.columns),
-            chunk_cells=chunk_cells, shuffled=order_name != "input", order=order_name,
+            chunk_cells=chunk_cells, shuffled=plan.order_name != "input", order=plan.order_name,
             min_cells_fraction=min_cells_fraction,
             source=str(input_path), atlasdgd_version=__version__,
         )

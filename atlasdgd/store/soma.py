@@ -165,9 +165,14 @@ def _id_column(df: pd.DataFrame, preferred: str) -> str:
 
 
 def ingest_soma(input_path: str, uri: str, *, label_key: str | None = None, covariate_keys=(), split_key=None,
-                layer: str | None = None, seed: int = 0, overwrite: bool = False, chunk_cells: int = 4096) -> str:
-    """Write an .h5ad/.h5mu into a SOMA experiment (one measurement per modality, X layer ``counts``)
-    with atlasdgd's obs columns. Reads the input into memory (unlike the zarr ingest)."""
+                layer: str | None = None, min_cells_fraction: float = 0.0, seed: int = 0, overwrite: bool = False,
+                chunk_cells: int = 4096, progress: bool = False) -> str:
+    """Write an .h5ad/.h5mu/AnnData .zarr into a SOMA experiment (one measurement per modality, X layer
+    ``counts``) with atlasdgd's obs columns, out of core like :func:`~atlasdgd.store.ingest.ingest` and
+    with the same cell table and split: checks first, then the counts block by block (memory is one
+    block of ``chunk_cells`` cells, not the input), the library sizes into obs last. Cells keep the
+    input's order; ``min_cells_fraction`` filters features as in the zarr ingest. Written to a temporary
+    directory beside ``uri`` and moved into place at the end."""
     import json
     import shutil
     import tempfile
@@ -177,38 +182,59 @@ def ingest_soma(input_path: str, uri: str, *, label_key: str | None = None, cova
     tiledbsoma = _soma()
     soma_io = tiledbsoma.io
 
-    from atlasdgd.data.adapters import prepare, read_input
+    from atlasdgd.store.ingest import BlockTotals, count_blocks, plan_ingest
 
     path = Path(_path(uri))
     if path.exists() and not overwrite:
         raise StoreError(f"{str(path)!r} already exists: choose another URI or pass overwrite (--overwrite)")
-    data = prepare(read_input(input_path), label_key=label_key, covariate_keys=list(covariate_keys),
-                   split_key=split_key, layer=layer, seed=seed)
-    obs = data.obs.copy()
-    for m in data.modalities:
-        obs[f"library_{m}"] = data.library(m)
-        obs[f"observed_{m}"] = data.observed[m]
+    plan = plan_ingest(input_path, label_key=label_key, covariate_keys=covariate_keys, split_key=split_key,
+                       layer=layer, order="input", min_cells_fraction=min_cells_fraction, chunk_cells=chunk_cells,
+                       seed=seed)
+    names = {m: np.asarray(mod.var.index.astype(str))[plan.keep[m]] for m, mod in plan.mods.items()}
+    obs = plan.obs.copy()
+    obs.index.name = "obs_id"
+    for m in plan.mods:  # library sizes are known after the counts: zeros until then
+        obs[f"library_{m}"] = np.zeros(plan.n_cells, np.float32)
+        obs[f"observed_{m}"] = plan.observed(m)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     shutil.rmtree(tmp)
     try:
-        first, *rest = data.modalities
-        adata = ad.AnnData(X=data.counts[first], obs=obs, var=pd.DataFrame(index=data.feature_names[first]))
-        soma_io.from_anndata(str(tmp), adata, first, X_layer_name=DEFAULT_LAYER)
+        first, *rest = plan.mods
+        # obs, the first measurement and its var through tiledbsoma's own writer (its conventions for
+        # ids and categoricals); X is left out (None) and written below, block by block
+        soma_io.from_anndata(str(tmp), ad.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index(names[first]))), first,
+                             X_layer_name=DEFAULT_LAYER)
         with tiledbsoma.Experiment.open(str(tmp), "w") as exp:
-            for m in rest:
-                ms = exp.ms.add_new_collection(m, tiledbsoma.Measurement)
-                names = np.asarray(data.feature_names[m]).astype(str)
-                schema = pa.schema([("soma_joinid", pa.int64()), ("var_id", pa.large_string())])
-                var = ms.add_new_dataframe("var", schema=schema, index_column_names=["soma_joinid"],
-                                           domain=[(0, len(names) - 1)])
-                var.write(pa.Table.from_pydict({"soma_joinid": np.arange(len(names)), "var_id": names}, schema=schema))
-                X = ms.add_new_collection("X")
-                coo = data.counts[m].tocoo()
-                arr = X.add_new_sparse_ndarray(DEFAULT_LAYER, type=pa.float32(), shape=coo.shape)
-                arr.write(pa.Table.from_pydict({"soma_dim_0": coo.row.astype(np.int64), "soma_dim_1": coo.col.astype(np.int64),
-                                                "soma_data": coo.data.astype(np.float32)}))
+            arrays = {}
+            for m in plan.mods:
+                if m == first:
+                    X = exp.ms[m].X
+                else:
+                    ms = exp.ms.add_new_collection(m, tiledbsoma.Measurement)
+                    schema = pa.schema([("soma_joinid", pa.int64()), ("var_id", pa.large_string())])
+                    var = ms.add_new_dataframe("var", schema=schema, index_column_names=["soma_joinid"],
+                                               domain=[(0, len(names[m]) - 1)])
+                    var.write(pa.Table.from_pydict({"soma_joinid": np.arange(len(names[m])), "var_id": names[m]},
+                                                   schema=schema))
+                    X = ms.add_new_collection("X")
+                arrays[m] = X.add_new_sparse_ndarray(DEFAULT_LAYER, type=pa.float32(),
+                                                     shape=(plan.n_cells, len(names[m])))
+            totals = BlockTotals(plan)
+            for start, blocks in count_blocks(plan, chunk_cells, totals, progress, desc="ingesting into SOMA"):
+                for m, block in blocks.items():
+                    if block.nnz == 0:
+                        continue
+                    coo = block.tocoo()
+                    arrays[m].write(pa.Table.from_pydict({
+                        "soma_dim_0": coo.row.astype(np.int64) + start, "soma_dim_1": coo.col.astype(np.int64),
+                        "soma_data": coo.data.astype(np.float32)}))
             exp.metadata[META_KEY] = json.dumps({"label_key": label_key, "covariate_keys": list(covariate_keys),
                                                  "layer": DEFAULT_LAYER, "chunk_cells": chunk_cells})
+        for m in plan.mods:
+            obs[f"library_{m}"] = totals.library[m]
+        with tiledbsoma.Experiment.open(str(tmp), "w") as exp:
+            soma_io.update_obs(exp, obs.reset_index(), default_index_name="obs_id")
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
