@@ -294,6 +294,7 @@ class DGD:
         new_covariate_classes: bool = False,
         two_step: int | None = None,
         memory_budget: int | None = None,
+        batch_size: int | None = None,
         add_to_atlas: bool = False,
         layer=None,
         modality: str | None = None,
@@ -317,11 +318,14 @@ class DGD:
         (the model then knows those classes: save it to keep them). ``add_to_atlas`` appends the
         mapped cells to the model's cell table (split ``mapped``). Labels come with calibrated
         probabilities (``obsm['dgd_label_probabilities']``, :mod:`atlasdgd.infer.labels`); cells whose
-        confidence is below ``unknown_below`` are labelled "unknown".
+        confidence is below ``unknown_below`` are labelled "unknown". ``memory_budget`` (bytes) sizes the
+        candidate search's chunks and, unless ``batch_size`` is given, the cells per fitting step
+        (each cell is fitted on its own, so these change speed and memory, not the result).
         """
         self._require_trained()
         aligned = self.align(query, layer=layer, modality=modality, modality_key=modality_key, min_overlap=min_overlap)
-        options = self.mapping_options(epochs=epochs, two_step=two_step, memory_budget=memory_budget)
+        options = self.mapping_options(epochs=epochs, two_step=two_step, memory_budget=memory_budget,
+                                       batch_size=batch_size)
         if add_to_atlas:
             clash = aligned.obs.index.intersection(self.cells.obs.index)
             if len(clash):

@@ -138,7 +138,9 @@ def _add_query_options(p, epochs_help: str = "refinement epochs after the candid
     p.add_argument("--modality-key", help="var column naming each feature's modality (AnnData with several)")
     p.add_argument("--min-overlap", type=float, default=0.5,
                    help="smallest fraction of a modality's model features the query must have (default 0.5)")
-    p.add_argument("--memory-budget", type=float, default=512, help="MiB for one chunk of the candidate search")
+    p.add_argument("--memory-budget", type=float, default=512,
+                   help="MiB of working memory: one chunk of the candidate search; half of it sizes the "
+                        "representation fits' batches (128-1024 cells)")
     p.add_argument("--two-step", type=int, default=None, metavar="M",
                    help="refine each cell's M best candidates for 5 epochs and keep the best (default 3; 0: off)")
     p.add_argument("--overwrite", action="store_true")

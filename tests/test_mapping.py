@@ -259,6 +259,30 @@ def test_mapping_rows_in_any_order_returns_them_in_that_order(mapped_atlas):
     np.testing.assert_array_equal(shuffled.loss, ordered.loss[back])
 
 
+def test_mapping_batch_size_changes_speed_not_the_result(mapped_atlas):
+    """Each cell's representation is fitted on its own under the frozen model: 16 cells per step and
+    the budget-sized default (all 300 cells in one step) end at the same representations."""
+    from atlasdgd.infer.mapping import MAX_FIT_BATCH, SHARED_BATCH_SIZE, MappingOptions, map_cells
+
+    model = DGD.load(mapped_atlas.model_dir)
+    aligned = model.align(mapped_atlas.heldout[:300].copy())
+    sized = MappingOptions(epochs=3)
+    assert sized.fit_batch_size(model.module) >= 300
+    small = map_cells(model.module, aligned, MappingOptions(epochs=3, batch_size=16))
+    large = map_cells(model.module, aligned, sized)
+    np.testing.assert_allclose(large.values, small.values, rtol=0, atol=1e-5)  # float rounding only
+    np.testing.assert_allclose(large.loss, small.loss, rtol=1e-5)
+    # the default size: half the cells the budget allows, within [128, 1024]
+    for budget in (2**16, 2**26, 2**34):
+        want = int(min(MAX_FIT_BATCH, max(SHARED_BATCH_SIZE, chunk_cells(model.module, budget) // 2)))
+        assert MappingOptions(memory_budget=budget).fit_batch_size(model.module) == want
+    assert MappingOptions(memory_budget=2**16).fit_batch_size(model.module) == SHARED_BATCH_SIZE
+    assert MappingOptions(memory_budget=2**34).fit_batch_size(model.module) == MAX_FIT_BATCH
+    assert MappingOptions(batch_size=7, memory_budget=2**34).fit_batch_size(model.module) == 7
+    with pytest.raises(ValueError, match="batch_size"):
+        MappingOptions(batch_size=0)
+
+
 def test_candidate_search_over_given_basal_positions_equals_the_default_over_the_means():
     cfg = ModelConfig(modalities={"rna": 25}, latent_dim=3, n_components=4, covariates={"batch": 2})
     module = DGDModule(cfg, generator=torch.Generator().manual_seed(3))

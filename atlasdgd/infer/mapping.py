@@ -23,6 +23,10 @@ from atlasdgd.runtime.device import module_device, to_numpy
 log = logging.getLogger(__name__)
 
 
+SHARED_BATCH_SIZE = 128  # cells per step where shared parameters learn (new covariate classes), as in training
+MAX_FIT_BATCH = 1024  # larger batches gained little more (10k cells: 1.4 s per epoch at 512, 1.2 at 1,024)
+
+
 @dataclass
 class MappingOptions:
     """How new cells are mapped (defaults follow the spec)."""
@@ -34,16 +38,30 @@ class MappingOptions:
     # sometimes starts a border cell in the wrong component and refinement never leaves it
     two_step: int = 3
     two_step_epochs: int = 5
-    batch_size: int = 128
+    # cells per step. None: the representation fits take as many as half the memory budget allows
+    # (128-1024; each cell's representation is fitted on its own under the frozen model, so this
+    # changes speed, not the result: 10k cells, 2,000 genes, 2.2 -> 1.4 s per epoch at 512, measured),
+    # and learning new covariate classes (shared parameters) takes SHARED_BATCH_SIZE
+    batch_size: int | None = None
     lr: float = 1e-2
     betas: tuple[float, float] = (0.5, 0.7)
     seed: int = 0
 
     def __post_init__(self):
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (or None: sized from memory_budget), got {self.batch_size}")
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
         if self.two_step == 1 or self.two_step < 0:
             raise ValueError(f"two_step must be 0 (off) or >= 2 candidates, got {self.two_step}")
+
+
+    def fit_batch_size(self, module: DGDModule) -> int:
+        """Cells per step of the representation fits: ``batch_size``, or sized from ``memory_budget``
+        (half of it: the fits keep autograd's buffers, which the candidate search's sizing leaves out)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return int(min(MAX_FIT_BATCH, max(SHARED_BATCH_SIZE, chunk_cells(module, self.memory_budget) // 2)))
 
 
 @dataclass
@@ -95,10 +113,11 @@ def map_cells(module: DGDModule, data, options: MappingOptions | None = None, ro
     def loader(batch_size: int, shuffle: bool):
         return data.loader(rows, batch_size, shuffle=shuffle, seed=opt.seed, device=device)
 
-    train_loader = loader(opt.batch_size, True)
+    batch_size = opt.fit_batch_size(module)
+    train_loader = loader(batch_size, True)
     if start is not None:
         start = torch.as_tensor(start, dtype=torch.float32).to(device)
-        search_loss = torch.from_numpy(cell_losses(module, loader(opt.batch_size, False), start)[0])[:, None]
+        search_loss = torch.from_numpy(cell_losses(module, loader(batch_size, False), start)[0])[:, None]
     else:
         keep = max(1, opt.two_step)
         log.info("mapping: candidate search for %d cells", n)
@@ -108,12 +127,12 @@ def map_cells(module: DGDModule, data, options: MappingOptions | None = None, ro
         found[0] = True
         starts, search_loss = starts[:, found], search_loss[:, found]
         keep = starts.shape[1]
-        start = starts[:, 0] if keep == 1 else _two_step(module, starts, train_loader, loader(opt.batch_size, False),
+        start = starts[:, 0] if keep == 1 else _two_step(module, starts, train_loader, loader(batch_size, False),
                                                          opt, progress)
     table = RepresentationTable(start, opt.lr, opt.betas, device=device)
     log.info("mapping: refining %d representations for %d epochs", n, opt.epochs)
     curve = fit_representations(module, train_loader, table, opt.epochs, progress=progress, desc="refining")
-    loss, recon = cell_losses(module, loader(opt.batch_size, False), table.values)
+    loss, recon = cell_losses(module, loader(batch_size, False), table.values)
     return Mapping(to_numpy(table.values), loss, recon, to_numpy(search_loss[:, 0]), curve)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from atlasdgd.infer.candidates import candidate_search, chunk_cells
-from atlasdgd.infer.mapping import MappingOptions
+from atlasdgd.infer.mapping import SHARED_BATCH_SIZE, MappingOptions
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import DGDModule
 from atlasdgd.optim.row_adam import RepresentationTable
@@ -116,7 +116,7 @@ def learn_new_classes(
             params.append(p)
     optimizer = torch.optim.Adam(params, lr=options.lr, betas=options.betas)
     table = RepresentationTable(start, options.lr, options.betas, device=device)
-    loader = data.loader(rows, options.batch_size, shuffle=True, seed=options.seed, device=device)
+    loader = data.loader(rows, options.batch_size or SHARED_BATCH_SIZE, shuffle=True, seed=options.seed, device=device)
     for epoch in tqdm(range(options.epochs), desc="learning new classes", unit="epoch", disable=not progress,
                       dynamic_ncols=True):
         loader.set_epoch(epoch)

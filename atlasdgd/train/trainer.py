@@ -93,7 +93,8 @@ class Trainer:
             opt.step()
         self.train_table.step(batch.index, z.grad)
         if self.config.representation_steps > 1:
-            representation_step(self.module, batch, self.train_table, self.config.representation_steps - 1)
+            representation_step(self.module, batch, self.train_table, self.config.representation_steps - 1,
+                                batch_mean=True)
         return terms, per_cell.detach().sum()
 
     def train_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
@@ -143,7 +144,8 @@ class Trainer:
         """One representation step for every validation cell; reports the loss before the step."""
         stats = EpochStats(self.n_features)
         for batch in loader:
-            terms = representation_step(self.module, batch, self.val_table, self.config.representation_steps)
+            terms = representation_step(self.module, batch, self.val_table, self.config.representation_steps,
+                                        batch_mean=True)
             stats.add(batch, terms, terms.per_cell().detach().sum())
         return stats.all_reduce().summary("val")
 
