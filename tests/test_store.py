@@ -396,6 +396,8 @@ def test_soma_ingest_reads_the_input_block_by_block_and_leaves_nothing_when_a_bl
         ingest_soma(str(tmp_path / "bad.h5ad"), f"soma://{tmp_path / 'b.soma'}", chunk_cells=128)
     assert not (tmp_path / "b.soma").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.soma.tmp")]
+    with pytest.raises(StoreError, match="does not exist: create it first"):
+        ingest_soma(str(good), f"soma://{tmp_path / 'missing' / 'c.soma'}")
 
 
 def test_s3_round_trip_ingest_and_train(h5mu, s3, tmp_path):

@@ -6,6 +6,8 @@ by the file. Per-feature detection counts for the optional feature filter are co
 dask tasks over the same blocks (threads, in parallel with bounded memory); library sizes and the
 stored per-feature statistics are computed on the way, after the filter. The cell order is one of
 :data:`ORDERS` (block reads then gather their cells from anywhere in the input when it is not "input").
+What is decided before counts are read (:func:`plan_ingest`) and the checked block pass
+(:func:`count_blocks`) serve the TileDB-SOMA writer too (:func:`atlasdgd.store.soma.ingest_soma`).
 """
 
 from __future__ import annotations

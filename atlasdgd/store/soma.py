@@ -187,6 +187,8 @@ def ingest_soma(input_path: str, uri: str, *, label_key: str | None = None, cova
     path = Path(_path(uri))
     if path.exists() and not overwrite:
         raise StoreError(f"{str(path)!r} already exists: choose another URI or pass overwrite (--overwrite)")
+    if not path.parent.is_dir():
+        raise StoreError(f"the folder {str(path.parent)!r} for the experiment does not exist: create it first")
     plan = plan_ingest(input_path, label_key=label_key, covariate_keys=covariate_keys, split_key=split_key,
                        layer=layer, order="input", min_cells_fraction=min_cells_fraction, chunk_cells=chunk_cells,
                        seed=seed)
@@ -196,11 +198,10 @@ def ingest_soma(input_path: str, uri: str, *, label_key: str | None = None, cova
     for m in plan.mods:  # library sizes are known after the counts: zeros until then
         obs[f"library_{m}"] = np.zeros(plan.n_cells, np.float32)
         obs[f"observed_{m}"] = plan.observed(m)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     shutil.rmtree(tmp)
     try:
-        first, *rest = plan.mods
+        first = next(iter(plan.mods))
         # obs, the first measurement and its var through tiledbsoma's own writer (its conventions for
         # ids and categoricals); X is left out (None) and written below, block by block
         soma_io.from_anndata(str(tmp), ad.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index(names[first]))), first,
