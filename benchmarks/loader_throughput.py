@@ -7,7 +7,8 @@ spent waiting for data.
 Data: simulated RNA as .h5ad, ingested into a zarr store with ``order="split"`` (train, validation and
 test cells each contiguous, as ``atlasdgd ingest --order split`` writes them) and into SOMA.
 Prints one JSON line (cells/s over one epoch of the training cells, start-up included; batch 128;
-one process; 2 torch threads).
+one process; 2 torch threads). The data-wait share counts only time spent in ``next()``; what reading
+costs a step in CPU and GIL time is what `benchmarks/loader_overhead.py` measures.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ stats = trainer.train_epoch(loader)
 state = {k: v.contiguous() for k, v in module.state_dict().items()}
 state["table"] = table.values
 save_file(state, f"{out}/rank{rank}_of{world}.safetensors", metadata={"train_loss": str(stats["train_loss"])})
+if world > 1:  # left to interpreter exit, gloo's threads once aborted a worker ("terminate called ...")
+    dist.destroy_process_group()
 '''
 
 

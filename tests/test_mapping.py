@@ -234,6 +234,30 @@ def test_two_step_search_ends_no_worse_than_its_first_candidate(mapped_atlas):
     assert two.obs["dgd_nll_per_feature"].mean() <= one.obs["dgd_nll_per_feature"].mean() * 1.01
 
 
+def test_two_step_running_best_equals_the_argmin_over_every_candidates_end(mapped_atlas, monkeypatch):
+    import atlasdgd.infer.mapping as mapping
+    from atlasdgd.optim.row_adam import RepresentationTable
+
+    model = DGD.load(mapped_atlas.model_dir)
+    aligned = model.align(mapped_atlas.heldout[:200].copy())
+    options = mapping.MappingOptions(epochs=1, two_step=3, two_step_epochs=2)
+    running = mapping.map_cells(model.module, aligned, options)
+
+    def stacked(module, starts, train_loader, eval_loader, opt, progress):  # every end kept, then argmin
+        ends, losses = [], []
+        for j in range(starts.shape[1]):
+            table = RepresentationTable(starts[:, j], opt.lr, opt.betas)
+            mapping.fit_representations(module, train_loader, table, opt.two_step_epochs)
+            ends.append(table.values)
+            losses.append(torch.from_numpy(mapping.cell_losses(module, eval_loader, table.values)[0]))
+        choice = torch.stack(losses, 1).argmin(1)
+        return torch.stack(ends, 1)[torch.arange(starts.shape[0]), choice]
+
+    monkeypatch.setattr(mapping, "_two_step", stacked)
+    reference = mapping.map_cells(model.module, aligned, options)
+    np.testing.assert_array_equal(running.values, reference.values)
+
+
 def test_mixed_query_with_some_cells_missing_a_modality(mapped_atlas):
     model = DGD.load(mapped_atlas.model_dir)
     q = mapped_atlas.heldout

@@ -138,14 +138,24 @@ def map_cells(module: DGDModule, data, options: MappingOptions | None = None, ro
 
 def _two_step(module: DGDModule, starts: torch.Tensor, train_loader, eval_loader, opt: MappingOptions,
               progress: bool) -> torch.Tensor:
-    """Refine each cell's shortlisted candidates briefly; the one that ends lowest per cell."""
-    ends, end_loss = [], []
+    """Refine each cell's shortlisted candidates briefly; the one that ends lowest per cell.
+
+    Kept as a running best, one candidate's table at a time (stacking every candidate's end held
+    two more [cells, candidates, D] copies at the held-out phase's peak)."""
+    best, best_loss = None, None
     for j in range(starts.shape[1]):
         table = RepresentationTable(starts[:, j], opt.lr, opt.betas, device=module_device(module))
         fit_representations(module, train_loader, table, opt.two_step_epochs, progress=progress,
                             desc=f"two-step candidate {j + 1}/{starts.shape[1]}")
         table.release_optimizer_state()  # only the end positions are compared: moments were 2/3 of each table
-        ends.append(table.values)
-        end_loss.append(torch.from_numpy(cell_losses(module, eval_loader, table.values)[0]))
-    choice = torch.stack(end_loss, 1).argmin(1)
-    return torch.stack([e.cpu() for e in ends], 1)[torch.arange(starts.shape[0]), choice]
+        loss = torch.from_numpy(cell_losses(module, eval_loader, table.values)[0])
+        end = table.values.cpu()
+        del table
+        if best is None:
+            best, best_loss = end, loss
+            continue
+        # strictly lower wins, so ties keep the earlier (better-searched) candidate; a finite loss beats NaN
+        better = (loss < best_loss) | (torch.isnan(best_loss) & ~torch.isnan(loss))
+        best[better] = end[better]
+        best_loss = torch.where(better, loss, best_loss)
+    return best
