@@ -172,6 +172,10 @@ class IngestPlan:
     def n_cells(self) -> int:
         return len(self.order)
 
+    def feature_names(self, modality: str) -> pd.Index:
+        """Names of the kept features of ``modality``, in store order."""
+        return pd.Index(self.mods[modality].var.index.astype(str)[self.keep[modality]])
+
     def observed(self, modality: str) -> np.ndarray:
         rows = self.mods[modality].rows
         return np.ones(self.n_cells, bool) if rows is None else rows[self.order] >= 0
@@ -351,8 +355,8 @@ def ingest(
             obs[f"library_{m}"] = totals.library[m]
             obs[f"observed_{m}"] = plan.observed(m)
         var = {}
-        for m, mod in plan.mods.items():
-            v = pd.DataFrame(index=pd.Index(mod.var.index.astype(str)[plan.keep[m]]))
+        for m in plan.mods:
+            v = pd.DataFrame(index=plan.feature_names(m))
             v["n_cells_detected"] = totals.detected[m]
             v["total_counts"] = totals.totals[m]
             var[m] = v

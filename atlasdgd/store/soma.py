@@ -192,7 +192,7 @@ def ingest_soma(input_path: str, uri: str, *, label_key: str | None = None, cova
     plan = plan_ingest(input_path, label_key=label_key, covariate_keys=covariate_keys, split_key=split_key,
                        layer=layer, order="input", min_cells_fraction=min_cells_fraction, chunk_cells=chunk_cells,
                        seed=seed)
-    names = {m: np.asarray(mod.var.index.astype(str))[plan.keep[m]] for m, mod in plan.mods.items()}
+    names = {m: plan.feature_names(m).to_numpy() for m in plan.mods}
     obs = plan.obs.copy()
     obs.index.name = "obs_id"
     for m in plan.mods:  # library sizes are known after the counts: zeros until then
@@ -204,7 +204,7 @@ def ingest_soma(input_path: str, uri: str, *, label_key: str | None = None, cova
         first = next(iter(plan.mods))
         # obs, the first measurement and its var through tiledbsoma's own writer (its conventions for
         # ids and categoricals); X is left out (None) and written below, block by block
-        soma_io.from_anndata(str(tmp), ad.AnnData(obs=obs, var=pd.DataFrame(index=pd.Index(names[first]))), first,
+        soma_io.from_anndata(str(tmp), ad.AnnData(obs=obs, var=pd.DataFrame(index=plan.feature_names(first))), first,
                              X_layer_name=DEFAULT_LAYER)
         with tiledbsoma.Experiment.open(str(tmp), "w") as exp:
             arrays = {}
