@@ -354,10 +354,11 @@ def cmd_ingest(args) -> None:
     from atlasdgd.store.soma import SCHEME, ingest_soma
 
     if args.store.startswith(SCHEME):
-        if args.shuffle or args.order not in (None, "input"):
-            raise AtlasDGDError("--shuffle/--order apply to zarr stores; a SOMA experiment keeps the input's order")
+        if args.shuffle and args.order not in (None, "shuffle"):
+            raise AtlasDGDError(f"--shuffle and --order {args.order} contradict each other: pass one")
         out = ingest_soma(args.input, args.store, label_key=args.label_key, covariate_keys=args.covariate_key,
                           split_key=args.split_key, layer=args.layer, min_cells_fraction=args.min_cells_fraction,
+                          order=args.order or ("shuffle" if args.shuffle else "input"),
                           seed=args.seed, overwrite=args.overwrite, chunk_cells=args.chunk_cells,
                           progress=not args.quiet)
     else:

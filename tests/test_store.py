@@ -338,16 +338,20 @@ def test_dgd_trains_from_a_store_uri_and_the_cli_too(store, tmp_path):
     assert (tmp_path / "m" / "atlasdgd.json").exists()
 
 
-def test_soma_and_zarr_backends_give_the_same_batches(h5mu, tmp_path):
+@pytest.mark.parametrize("order", ["input", "split"])
+def test_soma_and_zarr_backends_give_the_same_batches(h5mu, tmp_path, order):
     zarr_uri, soma_uri = tmp_path / "a.zarr", f"soma://{tmp_path / 'a.soma'}"
-    ingest(str(h5mu), str(zarr_uri), label_key="cell_type", covariate_keys=["batch"], progress=False)
-    assert main(["ingest", str(h5mu), soma_uri, "--label-key", "cell_type", "--covariate-key", "batch", "--quiet"]) == 0
+    ingest(str(h5mu), str(zarr_uri), label_key="cell_type", covariate_keys=["batch"], order=order, progress=False)
+    assert main(["ingest", str(h5mu), soma_uri, "--label-key", "cell_type", "--covariate-key", "batch",
+                 "--order", order, "--quiet"]) == 0
     z, s = open_store(str(zarr_uri)), open_store(soma_uri)
     assert s.store.backend == "soma" and s.n_cells == z.n_cells
     np.testing.assert_array_equal(s.obs_names, z.obs_names)
     assert s.covariate_classes() == z.covariate_classes() and s.label_classes() == z.label_classes()
     rows = z.split_rows("train")
     np.testing.assert_array_equal(rows, s.split_rows("train"))
+    if order == "split":  # training cells first, as one range
+        np.testing.assert_array_equal(rows, np.arange(len(rows)))
     bz = list(z.loader(rows, 100, seed=1, chunk_cells=128))
     bs = list(s.loader(rows, 100, seed=1, chunk_cells=128))
     assert len(bz) == len(bs)
