@@ -243,13 +243,13 @@ def test_two_step_running_best_equals_the_argmin_over_every_candidates_end(mappe
     options = mapping.MappingOptions(epochs=1, two_step=3, two_step_epochs=2)
     running = mapping.map_cells(model.module, aligned, options)
 
-    def stacked(module, starts, train_loader, eval_loader, opt, progress):  # every end kept, then argmin
+    def stacked(module, starts, cells, opt, progress):  # every end kept, then argmin
         ends, losses = [], []
         for j in range(starts.shape[1]):
             table = RepresentationTable(starts[:, j], opt.lr, opt.betas)
-            mapping.fit_representations(module, train_loader, table, opt.two_step_epochs)
+            mapping.fit_representations(module, cells, table, opt.two_step_epochs)
             ends.append(table.values)
-            losses.append(torch.from_numpy(mapping.cell_losses(module, eval_loader, table.values)[0]))
+            losses.append(torch.from_numpy(mapping.cell_losses(module, cells, table.values)[0]))
         choice = torch.stack(losses, 1).argmin(1)
         return torch.stack(ends, 1)[torch.arange(starts.shape[0]), choice]
 
@@ -283,9 +283,10 @@ def test_mapping_rows_in_any_order_returns_them_in_that_order(mapped_atlas):
     np.testing.assert_array_equal(shuffled.loss, ordered.loss[back])
 
 
-def test_mapping_batch_size_changes_speed_not_the_result(mapped_atlas):
+def test_mapping_batch_size_changes_speed_not_the_result(mapped_atlas, monkeypatch):
     """Each cell's representation is fitted on its own under the frozen model: 16 cells per step and
-    the budget-sized default (all 300 cells in one step) end at the same representations."""
+    the budget-sized default (all 300 cells in one step) end at the same representations, and so do
+    16-cell steps in a shuffled order (the fits read in order)."""
     from atlasdgd.infer.mapping import MAX_FIT_BATCH, SHARED_BATCH_SIZE, MappingOptions, map_cells
 
     model = DGD.load(mapped_atlas.model_dir)
@@ -296,6 +297,11 @@ def test_mapping_batch_size_changes_speed_not_the_result(mapped_atlas):
     large = map_cells(model.module, aligned, sized)
     np.testing.assert_allclose(large.values, small.values, rtol=0, atol=1e-5)  # float rounding only
     np.testing.assert_allclose(large.loss, small.loss, rtol=1e-5)
+    in_order = type(aligned).loader
+    monkeypatch.setattr(type(aligned), "loader", lambda self, rows, batch_size, **kw:
+                        in_order(self, rows, batch_size, **{**kw, "shuffle": True, "seed": 3}))
+    shuffled = map_cells(model.module, aligned, MappingOptions(epochs=3, batch_size=16))
+    np.testing.assert_allclose(shuffled.values, small.values, rtol=0, atol=1e-5)
     # the default size: half the cells the budget allows, within [128, 1024]
     for budget in (2**16, 2**26, 2**34):
         want = int(min(MAX_FIT_BATCH, max(SHARED_BATCH_SIZE, chunk_cells(model.module, budget) // 2)))

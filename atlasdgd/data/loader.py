@@ -28,6 +28,9 @@ DEFAULT_BLOCK_CELLS = 1024  # cells per contiguous read of a source that does no
 # batches, because the held-out mapping's candidate search reads ~500-cell batches, and 16 of those
 # queued (with their non-zeros) raised training's peak by 260 MiB at 200k cells (measured)
 CELLS_PER_PREFETCH = 1024
+# chunks read and shuffled together when shuffling; a loader that reads in order needs no window to
+# shuffle in, so it holds one chunk
+SHUFFLE_BUFFER_CHUNKS = 4
 
 
 class CellLoader:
@@ -38,7 +41,7 @@ class CellLoader:
     """
 
     def __init__(self, source, rows: np.ndarray, batch_size: int = 128, *, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, chunk_cells: int | None = None, buffer_chunks: int = 4,
+                 rank: int = 0, world_size: int = 1, chunk_cells: int | None = None, buffer_chunks: int | None = None,
                  prefetch: int = 2, device: torch.device | str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -49,6 +52,8 @@ class CellLoader:
         # unless it says otherwise; a store's chunks are its contiguous reads
         self.resident = bool(getattr(source, "resident", False))
         chunk = chunk_cells or getattr(source, "chunk_cells", None) or (1 if self.resident else DEFAULT_BLOCK_CELLS)
+        if buffer_chunks is None:
+            buffer_chunks = SHUFFLE_BUFFER_CHUNKS if shuffle else 1
         self.plan = BlockShufflePlan(len(self.rows), batch_size, chunk, buffer_chunks, seed, rank,
                                      steps_per_epoch(len(rows), batch_size, world_size), shuffle)
         self.batch_size, self.prefetch, self.epoch = batch_size, prefetch, 0
