@@ -353,19 +353,19 @@ def _storage_options(args) -> dict | None:
 def cmd_ingest(args) -> None:
     from atlasdgd.store.soma import SCHEME, ingest_soma
 
+    if args.shuffle and args.order not in (None, "shuffle"):
+        raise AtlasDGDError(f"--shuffle and --order {args.order} contradict each other: pass one")
+    order = args.order or ("shuffle" if args.shuffle else "input")  # one cell order for either backend
     if args.store.startswith(SCHEME):
-        if args.shuffle and args.order not in (None, "shuffle"):
-            raise AtlasDGDError(f"--shuffle and --order {args.order} contradict each other: pass one")
         out = ingest_soma(args.input, args.store, label_key=args.label_key, covariate_keys=args.covariate_key,
                           split_key=args.split_key, layer=args.layer, min_cells_fraction=args.min_cells_fraction,
-                          order=args.order or ("shuffle" if args.shuffle else "input"),
-                          seed=args.seed, overwrite=args.overwrite, chunk_cells=args.chunk_cells,
+                          order=order, seed=args.seed, overwrite=args.overwrite, chunk_cells=args.chunk_cells,
                           progress=not args.quiet)
     else:
         from atlasdgd.store.ingest import ingest
 
         out = ingest(args.input, args.store, label_key=args.label_key, covariate_keys=args.covariate_key,
-                     split_key=args.split_key, layer=args.layer, shuffle=args.shuffle, order=args.order,
+                     split_key=args.split_key, layer=args.layer, order=order,
                      min_cells_fraction=args.min_cells_fraction, chunk_cells=args.chunk_cells, seed=args.seed,
                      overwrite=args.overwrite, storage_options=_storage_options(args), progress=not args.quiet)
     from atlasdgd.store.cells import open_store

@@ -94,6 +94,8 @@ def test_split_order_stores_train_validation_test_as_shuffled_ranges(h5mu, tmp_p
         np.testing.assert_array_equal(cells.store.read_range(m, 0, cells.n_cells).toarray(),
                                       expected.counts[m][order].toarray())
     assert main(["ingest", str(h5mu), str(tmp_path / "b.zarr"), "--order", "split", "--shuffle", "--quiet"]) == 2
+    assert main(["ingest", str(h5mu), f"soma://{tmp_path / 'b.soma'}", "--order", "split", "--shuffle", "--quiet"]) == 2
+    assert not (tmp_path / "b.zarr").exists() and not (tmp_path / "b.soma").exists()
 
 
 def test_feature_filter_keeps_features_detected_in_enough_cells(h5mu, tmp_path):
