@@ -149,6 +149,9 @@ class DGD:
             return self.history
         self.library_model = result.library_model
         self.cells = training_cells_table(self.module, self.data.obs, result.values)
+        # the cell table holds its own copy of the representations: the [cells, D] array goes before the
+        # label transfer's fit (that fit is the peak of a 1M-cell run's last phase: -88 MiB there)
+        del result
         self.vocab.component_labels = component_labels(self.cells, self.vocab.label_key, self.model_config.n_components)
         self.vocab.label_transfer = fit_label_transfer(self.module, self.vocab, self.cells, cfg.seed)
         release_free_memory()  # the output tables' and label transfer's scratch (see runtime/malloc.py)
