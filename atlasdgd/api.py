@@ -149,8 +149,8 @@ class DGD:
             return self.history
         self.library_model = result.library_model
         self.cells = training_cells_table(self.module, self.data.obs, result.values)
-        # the cell table holds its own copy of the representations: the [cells, D] array goes before the
-        # label transfer's fit (that fit is the peak of a 1M-cell run's last phase: -88 MiB there)
+        # the cell table's obsm are views of result.values (see training_cells_table); nothing else of the
+        # run is held through the label transfer's fit (the peak of a 1M-cell run's last phase)
         del result
         self.vocab.component_labels = component_labels(self.cells, self.vocab.label_key, self.model_config.n_components)
         self.vocab.label_transfer = fit_label_transfer(self.module, self.vocab, self.cells, cfg.seed)

@@ -186,7 +186,7 @@ class Atlas:
             from atlasdgd.store.cells import open_store
 
             trained = DGD.load(model, storage_options=storage_options, device=device)
-            stored = open_store(source, storage_options).obs.index.astype(str)
+            stored = open_store(source, storage_options).obs_names.astype(str)
             if not trained.cells.obs_names.astype(str).equals(stored):
                 raise AtlasError(f"the model {model!r} was not trained on the cells of this store (cell names or "
                                  "their order differ): train it on the store, or let 'atlas create' train")

@@ -72,6 +72,25 @@ def test_ingest_round_trip_is_exact_for_every_modality_and_obs_column(h5mu, tmp_
     assert list(cells.obs["dgd_split"].astype(str)) == list(expected.obs["dgd_split"].astype(str).iloc[order])
 
 
+def test_store_cells_keep_annotations_by_row_and_read_cell_names_when_asked(h5mu, tmp_path):
+    """Training from a store holds no cell names (~70 B per cell as Python strings); ``obs`` and
+    ``obs_names`` read them from the store and match what anndata reads."""
+    from anndata.io import read_elem
+    import zarr
+
+    uri = tmp_path / "atlas.zarr"
+    ingest(str(h5mu), str(uri), label_key="cell_type", covariate_keys=["batch"], shuffle=True, progress=False)
+    cells = open_store(str(uri))
+    assert isinstance(cells.annotations.index, pd.RangeIndex) and len(cells.annotations) == cells.n_cells
+    assert isinstance(cells.store.annotations.index, pd.RangeIndex)
+    expected = read_elem(zarr.open_group(str(uri / "obs"), mode="r"))
+    pd.testing.assert_frame_equal(cells.obs, expected)
+    assert cells.obs_names.equals(ad.read_zarr(uri / "mod" / "rna").obs_names)
+    # the accessors read the same rows as the named table
+    np.testing.assert_array_equal(cells.label_codes(), expected["cell_type"].cat.codes.to_numpy())
+    np.testing.assert_array_equal(cells.split_rows("test"), np.flatnonzero(expected["dgd_split"] == "test"))
+
+
 def test_split_order_stores_train_validation_test_as_shuffled_ranges(h5mu, tmp_path):
     uri = tmp_path / "atlas.zarr"
     assert main(["ingest", str(h5mu), str(uri), "--label-key", "cell_type", "--covariate-key", "batch",

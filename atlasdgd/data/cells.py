@@ -16,15 +16,23 @@ SPLITS = ("train", "validation", "test")
 
 class CellTable:
     """Accessors over a cell table (``obs``, ``label_key``, ``covariate_keys``) shared by every data
-    source: in-memory :class:`CellData` and stores (:class:`~atlasdgd.store.cells.StoreCells`)."""
+    source: in-memory :class:`CellData` and stores (:class:`~atlasdgd.store.cells.StoreCells`).
+
+    The accessors read ``annotations``, the table by row: for data in memory that is ``obs``
+    itself; a store keeps its annotations without the cell names (``obs_names`` reads them when
+    asked), so training a million cells does not hold a million name strings."""
 
     obs: pd.DataFrame
     label_key: str | None
     covariate_keys: tuple[str, ...]
 
     @property
+    def annotations(self) -> pd.DataFrame:
+        return self.obs
+
+    @property
     def n_cells(self) -> int:
-        return self.obs.shape[0]
+        return self.annotations.shape[0]
 
     @property
     def obs_names(self) -> pd.Index:
@@ -34,22 +42,23 @@ class CellTable:
         """``[N, Q]`` int64 class codes in ``covariate_keys`` order."""
         if not self.covariate_keys:
             return np.zeros((self.n_cells, 0), dtype=np.int64)
-        return np.stack([self.obs[k].cat.codes.to_numpy().astype(np.int64) for k in self.covariate_keys], axis=1)
+        table = self.annotations
+        return np.stack([table[k].cat.codes.to_numpy().astype(np.int64) for k in self.covariate_keys], axis=1)
 
     def covariate_classes(self) -> dict[str, list[str]]:
-        return {k: [str(c) for c in self.obs[k].cat.categories] for k in self.covariate_keys}
+        return {k: [str(c) for c in self.annotations[k].cat.categories] for k in self.covariate_keys}
 
     def label_classes(self) -> list[str]:
-        return [str(c) for c in self.obs[self.label_key].cat.categories] if self.label_key else []
+        return [str(c) for c in self.annotations[self.label_key].cat.categories] if self.label_key else []
 
     def label_codes(self) -> np.ndarray:
         """int64 label codes, -1 where a cell is unlabelled."""
         if not self.label_key:
             return np.full(self.n_cells, -1, dtype=np.int64)
-        return self.obs[self.label_key].cat.codes.to_numpy().astype(np.int64)
+        return self.annotations[self.label_key].cat.codes.to_numpy().astype(np.int64)
 
     def split_rows(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.obs[SPLIT_KEY].astype(str).to_numpy() == split)
+        return np.flatnonzero(self.annotations[SPLIT_KEY].astype(str).to_numpy() == split)
 
 
 @dataclass

@@ -13,40 +13,43 @@ from scipy import sparse
 from atlasdgd.data.cells import SPLIT_KEY, CellTable
 from atlasdgd.data.source import LoadsBatches
 from atlasdgd.errors import InputError
-from atlasdgd.store.format import StoreError
+from atlasdgd.store.format import StoreError, with_names
 
 
 READ_CELLS = 1024  # cells per contiguous read of a zarr store by the loader (see StoreCells)
 
 
 class StoreCells(CellTable, LoadsBatches):
+    """A store as training data. ``annotations`` holds the cell table by row; ``obs`` and ``obs_names``
+    read the cell names from the store on each access (outputs need them, training does not)."""
+
     def __init__(self, store, label_key: str | None = None, covariate_keys: list[str] | tuple[str, ...] | None = None,
                  modalities: list[str] | None = None):
         self.store = store
-        self.obs: pd.DataFrame = store.obs
-        manifest = store.manifest
+        self._annotations: pd.DataFrame = store.annotations
+        table, manifest = self._annotations, store.manifest
         self.label_key = manifest.label_key if label_key is None else label_key
         self.covariate_keys = tuple(manifest.covariate_keys if covariate_keys is None else covariate_keys)
         for key, role in [(self.label_key, "label")] + [(k, "covariate") for k in self.covariate_keys]:
-            if key is not None and key not in self.obs.columns:
-                raise InputError(f"{role} key {key!r} is not stored in {store.uri!r} (obs columns: {list(self.obs.columns)}): "
-                                 "ingest again with that key")
+            if key is not None and key not in table.columns:
+                raise InputError(f"{role} key {key!r} is not stored in {store.uri!r} (obs columns: "
+                                 f"{list(table.columns)}): ingest again with that key")
         for key in self.covariate_keys:
-            if not isinstance(self.obs[key].dtype, pd.CategoricalDtype):
-                self.obs[key] = pd.Categorical(self.obs[key].astype(str))
-        if self.label_key is not None and not isinstance(self.obs[self.label_key].dtype, pd.CategoricalDtype):
-            self.obs[self.label_key] = pd.Categorical(self.obs[self.label_key])
+            if not isinstance(table[key].dtype, pd.CategoricalDtype):
+                table[key] = pd.Categorical(table[key].astype(str))
+        if self.label_key is not None and not isinstance(table[self.label_key].dtype, pd.CategoricalDtype):
+            table[self.label_key] = pd.Categorical(table[self.label_key])
         all_mods = store.modalities
         if modalities is not None:
             unknown = [m for m in modalities if m not in all_mods]
             if unknown:
                 raise InputError(f"unknown modalities {unknown}: the store has {all_mods}")
         self._modalities = list(modalities) if modalities is not None else all_mods
-        if SPLIT_KEY not in self.obs.columns:
+        if SPLIT_KEY not in table.columns:
             raise StoreError(f"{store.uri!r} has no {SPLIT_KEY!r} column: ingest it again")
         self.feature_names = {m: pd.Index(store.var[m].index.astype(str)) for m in self._modalities}
-        self.observed = {m: self.obs[f"observed_{m}"].to_numpy().astype(bool) for m in self._modalities}
-        self._library = {m: self.obs[f"library_{m}"].to_numpy().astype(np.float32) for m in self._modalities}
+        self.observed = {m: table[f"observed_{m}"].to_numpy().astype(bool) for m in self._modalities}
+        self._library = {m: table[f"library_{m}"].to_numpy().astype(np.float32) for m in self._modalities}
         # the loader's unit of shuffled reading, not the ingest block: zarr chunks hold at most 256k
         # non-zeros (a few hundred cells), so 1,024-cell reads decode no more than they need, and a
         # window of 4 of them (4,096 cells) holds a quarter of what 4,096-cell units did (a window
@@ -54,6 +57,19 @@ class StoreCells(CellTable, LoadsBatches):
         self.chunk_cells = min(int(store.manifest.chunk_cells), READ_CELLS)
 
     # -- the CellData interface (the rest comes from CellTable) -----------------------------
+    @property
+    def annotations(self) -> pd.DataFrame:
+        return self._annotations
+
+    @property
+    def obs_names(self) -> pd.Index:
+        return self.store.obs_names
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        """The cell table indexed by cell name (built on each access; changes to it are not kept)."""
+        return with_names(self._annotations, self.obs_names)
+
     @property
     def modalities(self) -> list[str]:
         return list(self._modalities)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+import pandas as pd
+
 from atlasdgd.errors import AtlasDGDError
 from atlasdgd.io.manifest import ManifestKind
 from atlasdgd.io.manifest import read_manifest as read_versioned
@@ -41,6 +43,20 @@ STORE_MANIFEST = ManifestKind(MANIFEST, FORMAT, FORMAT_VERSION, "atlas store", S
                               incomplete="an interrupted ingest? Ingest again with --overwrite",
                               outdated="re-ingest it, or use the atlasdgd version that wrote it",
                               family="atlasdgd store")
+
+
+def by_row(obs: pd.DataFrame) -> pd.DataFrame:
+    """``obs`` indexed by row number instead of cell name; the columns are shared, not copied."""
+    table = obs.copy(deep=False)
+    table.index = pd.RangeIndex(len(table))
+    return table
+
+
+def with_names(annotations: pd.DataFrame, names: pd.Index) -> pd.DataFrame:
+    """``annotations`` (by row) indexed by cell ``names``; the columns are shared, not copied."""
+    table = annotations.copy(deep=False)
+    table.index = names
+    return table
 
 
 @dataclass

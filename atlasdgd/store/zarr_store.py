@@ -24,7 +24,8 @@ from anndata.io import read_elem, write_elem
 from zarr.codecs import BloscCodec
 from scipy import sparse
 
-from atlasdgd.store.format import StoreError, StoreManifest, filesystem, read_manifest, write_manifest, zarr_store
+from atlasdgd.store.format import (StoreError, StoreManifest, filesystem, read_manifest, with_names, write_manifest,
+                                   zarr_store)
 
 INDPTR_CHUNK = 1 << 20
 # lz4 with byte shuffle decodes ~3x faster than zarr's default zstd for 30% more bytes (measured on
@@ -194,7 +195,8 @@ class StoreWriter:
 
 
 class ZarrAtlasStore:
-    """Read access to a complete store: obs in memory, counts by cell range."""
+    """Read access to a complete store: the cell annotations in memory (by row), cell names and
+    counts read when asked."""
 
     backend = "zarr"
 
@@ -203,13 +205,14 @@ class ZarrAtlasStore:
         self.manifest = read_manifest(self.uri, storage_options)
         try:
             self.root = zarr.open_group(zarr_store(self.uri, storage_options, read_only=True), mode="r")
-            self.obs = read_elem(self.root["obs"])
+            self.annotations = _read_columns(self.root["obs"])
         except StoreError:
             raise
         except Exception as e:
             raise StoreError(f"cannot read the cell table of {self.uri!r} ({e}): the store is damaged") from e
-        if len(self.obs) != self.manifest.n_cells:
-            raise StoreError(f"{self.uri!r}: obs has {len(self.obs)} cells, the manifest says {self.manifest.n_cells}: the store is damaged")
+        if len(self.annotations) != self.manifest.n_cells:
+            raise StoreError(f"{self.uri!r}: obs has {len(self.annotations)} cells, the manifest says "
+                             f"{self.manifest.n_cells}: the store is damaged")
         self._indptr, self._data, self._indices, self.var = {}, {}, {}, {}
         self._pool = None  # threads for concurrent reads, started on first use
         for m, info in self.manifest.modalities.items():
@@ -231,6 +234,20 @@ class ZarrAtlasStore:
                     f"{self.manifest.n_cells} x {info['n_features']}): the store is damaged; ingest it again"
                 )
             self._indptr[m] = indptr
+
+    @property
+    def obs_names(self) -> pd.Index:
+        """The cell names, read from the store on each call. Not held: as Python strings they are
+        ~70 B per cell (70 MB for a million cells, in every training worker), and only outputs
+        need them."""
+        group = self.root["obs"]
+        key = group.attrs["_index"]
+        return pd.Index(read_elem(group[key]), name=None if key == "_index" else key)  # as anndata names it
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        """The cell annotations indexed by cell name (names read on each call, see ``obs_names``)."""
+        return with_names(self.annotations, self.obs_names)
 
     @property
     def n_cells(self) -> int:
@@ -282,3 +299,11 @@ class ZarrAtlasStore:
             lo, hi = int(sel[0]), int(sel[-1]) + 1
             parts.append(self.read_range(modality, lo, hi)[sel - lo])
         return sparse.vstack(parts, format="csr")
+
+
+def _read_columns(group) -> pd.DataFrame:
+    """An AnnData-encoded dataframe's columns indexed by row, without its index (the cell names,
+    see ``ZarrAtlasStore.obs_names``): anndata's ``read_elem`` reads them column by column too."""
+    columns = list(group.attrs.get("column-order", []))
+    n = group[group.attrs["_index"]].shape[0]
+    return pd.DataFrame({c: read_elem(group[c]) for c in columns}, index=pd.RangeIndex(n), columns=columns)
