@@ -73,15 +73,17 @@ def test_given_nonzeros_match_the_search_values_and_gradients(sample):
     extra_zero = torch.nonzero(x == 0)[:3].T  # stored zeros
     given = (torch.cat([rows[perm], extra_zero[0]]), torch.cat([cols[perm], extra_zero[1]]),
              torch.cat([x[rows, cols][perm], torch.zeros(3, dtype=x.dtype)]))
+    given32 = (given[0].int(), given[1].int(), given[2])  # the loader's index dtype
     grads = []
-    for nonzeros in (None, given):
+    for nonzeros in (None, given, given32):
         logits = torch.tensor(np.log(frac), requires_grad=True)
         rr = torch.tensor(r, requires_grad=True)
         out = nb_log_prob_rows(x, torch.log_softmax(logits, 1), torch.tensor(lib), rr, nonzeros)
         out.sum().backward()
         grads.append((out.detach(), logits.grad, rr.grad))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b)
 
 
 def test_hand_written_dense_backward_passes_gradcheck(sample):

@@ -280,14 +280,14 @@ def _fill_rows(x, rows: np.ndarray, out: np.ndarray, out_rows: np.ndarray):
         lengths = np.diff(rows_of_x.indptr)
         start = int(rows_of_x.indptr[0])
         end = start + int(lengths.sum())
-        return (np.repeat(np.arange(first, first + len(lengths)), lengths), rows_of_x.indices[start:end],
-                rows_of_x.data[start:end])
+        return (np.repeat(np.arange(first, first + len(lengths), dtype=np.int32), lengths),
+                rows_of_x.indices[start:end], rows_of_x.data[start:end])
     out[out_rows] = 0
     return _scatter_rows(x, rows, out, out_rows)
 
 
 def _nonzero_tensors(pieces: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ``(rows, cols, values)`` triple (int64, int64, float32) from the pieces of a batch, in row
+    """One ``(rows, cols, values)`` triple (int32, int32, float32) from the pieces of a batch, in row
     order, so the likelihood sums in the same order whatever the source and its chunking. Each piece
     is in row order, but the pieces of a batch that spans two windows interleave (a window is a set of
     shuffled chunks): those are merged with a stable sort."""
@@ -299,7 +299,9 @@ def _nonzero_tensors(pieces: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, t
         if np.any(r[1:] < r[:-1]):
             order = np.argsort(r, kind="stable")
             r, c, v = r[order], c[order], v[order]
-    return (torch.from_numpy(np.asarray(r, dtype=np.int64)), torch.from_numpy(np.asarray(c, dtype=np.int64)),
+    # int32 (a batch's rows and a modality's columns fit): 12 instead of 20 bytes per non-zero in every
+    # queued batch, and the store's int32 column indices go in without a conversion
+    return (torch.from_numpy(np.asarray(r, dtype=np.int32)), torch.from_numpy(np.asarray(c, dtype=np.int32)),
             torch.from_numpy(np.asarray(v, dtype=np.float32)))
 
 
