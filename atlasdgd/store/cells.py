@@ -67,7 +67,7 @@ class StoreCells(CellTable, LoadsBatches):
 
     @property
     def obs(self) -> pd.DataFrame:
-        """The cell table indexed by cell name (built on each access; changes to it are not kept)."""
+        """The cell table indexed by cell name, built on each access (see ``with_names``)."""
         return with_names(self._annotations, self.obs_names)
 
     @property

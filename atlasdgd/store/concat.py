@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from atlasdgd.store.format import StoreError, by_row
+from atlasdgd.store.format import NamedObsInMemory, StoreError
 
 
-class ConcatStore:
+class ConcatStore(NamedObsInMemory):
     """Segments one after another; ``features``: modality -> the feature order to read in."""
 
     backend = "concat"
@@ -51,15 +51,6 @@ class ConcatStore:
             modalities={m: {"n_features": len(names), "nnz": 0} for m, names in features.items()},
             shuffled=False)
         self.var = {m: pd.DataFrame(index=pd.Index(names)) for m, names in features.items()}
-
-    @property
-    def annotations(self) -> pd.DataFrame:
-        """The cell annotations by row (the store protocol's form; the names are ``obs_names``)."""
-        return by_row(self.obs)
-
-    @property
-    def obs_names(self) -> pd.Index:
-        return self.obs.index
 
     @property
     def n_cells(self) -> int:

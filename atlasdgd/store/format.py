@@ -45,15 +45,27 @@ STORE_MANIFEST = ManifestKind(MANIFEST, FORMAT, FORMAT_VERSION, "atlas store", S
                               family="atlasdgd store")
 
 
-def by_row(obs: pd.DataFrame) -> pd.DataFrame:
-    """``obs`` indexed by row number instead of cell name; the columns are shared, not copied."""
-    table = obs.copy(deep=False)
-    table.index = pd.RangeIndex(len(table))
-    return table
+class NamedObsInMemory:
+    """The store protocol's ``annotations`` (by row) and ``obs_names`` for a store that holds its
+    named ``obs`` in memory anyway (SOMA, concatenated segments); the zarr store keeps only the
+    annotations and reads the names when asked."""
+
+    obs: pd.DataFrame
+
+    @property
+    def annotations(self) -> pd.DataFrame:
+        table = self.obs.copy(deep=False)  # the columns are shared, not copied
+        table.index = pd.RangeIndex(len(table))
+        return table
+
+    @property
+    def obs_names(self) -> pd.Index:
+        return self.obs.index
 
 
 def with_names(annotations: pd.DataFrame, names: pd.Index) -> pd.DataFrame:
-    """``annotations`` (by row) indexed by cell ``names``; the columns are shared, not copied."""
+    """``annotations`` (by row) indexed by cell ``names``: a new frame sharing the columns (columns
+    set on it are not kept; values changed in place are)."""
     table = annotations.copy(deep=False)
     table.index = names
     return table

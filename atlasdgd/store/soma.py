@@ -19,7 +19,7 @@ from scipy import sparse
 from atlasdgd.data.cells import SPLIT_KEY
 from atlasdgd.errors import missing_extra
 from atlasdgd.data.split import as_split_categorical, stratified_split
-from atlasdgd.store.format import StoreError, StoreManifest, by_row
+from atlasdgd.store.format import NamedObsInMemory, StoreError, StoreManifest
 
 SCHEME = "soma://"
 DEFAULT_LAYER = "counts"
@@ -48,7 +48,7 @@ def _path(uri: str) -> str:
     return str(uri)[len(SCHEME):] if str(uri).startswith(SCHEME) else str(uri)
 
 
-class SomaAtlasStore:
+class SomaAtlasStore(NamedObsInMemory):
     """Read access to a SOMA experiment with the same interface as the zarr store."""
 
     backend = "soma"
@@ -107,15 +107,6 @@ class SomaAtlasStore:
                 lib[start:stop] = np.asarray(self.read_range(m, start, stop).sum(axis=1)).ravel()
             self.obs[f"library_{m}"] = lib
             self.obs[f"observed_{m}"] = lib > 0
-
-    @property
-    def annotations(self) -> pd.DataFrame:
-        """The cell annotations by row (the store protocol's form; the names are ``obs_names``)."""
-        return by_row(self.obs)
-
-    @property
-    def obs_names(self) -> pd.Index:
-        return self.obs.index
 
     @property
     def n_cells(self) -> int:
