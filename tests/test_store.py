@@ -244,6 +244,26 @@ def test_loader_order_is_a_function_of_seed_epoch_and_rank(store):
     assert len(np.unique(first // 128)) <= 2
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_every_window_holds_whole_chunks_when_the_last_chunk_is_short(shuffle):
+    # 1,000 positions in chunks of 64: the last chunk has 40 cells. Windows are read as whole chunks
+    # only if none straddles a shuffle buffer (cut at fixed cell counts, every window after the short
+    # chunk did, and read its chunks' cells as scattered rows)
+    from atlasdgd.data.plan import BlockShufflePlan
+
+    plan = BlockShufflePlan(1000, 50, chunk_cells=64, buffer_chunks=3, seed=1, shuffle=shuffle)
+    for epoch in range(3):
+        order, starts = plan.order_windows(epoch)
+        np.testing.assert_array_equal(order, plan.order(epoch))
+        np.testing.assert_array_equal(np.sort(order), np.arange(1000))
+        windows = np.split(order, starts[1:])
+        assert len(windows) == -(-16 // 3)  # 16 chunks, 3 per window
+        for window in windows:
+            chunks = np.unique(window // 64)
+            whole = np.concatenate([np.arange(c * 64, min(c * 64 + 64, 1000)) for c in chunks])
+            np.testing.assert_array_equal(np.sort(window), whole)
+
+
 def test_batches_carry_counts_libraries_and_covariates_of_their_cells(store):
     cells = open_store(str(store))
     batch = next(iter(cells.loader(cells.split_rows("train"), 40, seed=0)))
@@ -279,19 +299,103 @@ def test_concurrent_reads_and_zarrs_codecs_give_exactly_the_default_pipelines_co
 
 
 def test_window_blocks_join_into_one_csr_like_scipys_vstack():
-    from atlasdgd.data.loader import _CSR, _stack_csr
+    from atlasdgd.data.window import RowBlock, WindowBuffer
 
     rng = np.random.default_rng(1)
     parts = [sparse.random(n, 30, density=0.2, format="csr", random_state=rng, dtype=np.float32)
              for n in (5, 0, 17, 1)]
     want = sparse.vstack(parts, format="csr").toarray()
-    np.testing.assert_array_equal(_stack_csr(parts).toarray(), want)
+    buffer = WindowBuffer()
+    np.testing.assert_array_equal(buffer.join(parts).toarray(), want)
     # blocks handed out as views of a larger read: indptr starts past 0, data/indices hold more
-    views = [_CSR(np.r_[np.float32(7), p.data, np.float32(9)], np.r_[np.int32(0), p.indices, np.int32(0)],
-                  p.indptr + 1) for p in parts]
-    plain = _stack_csr(views)
+    views = [RowBlock(np.r_[np.float32(7), p.data, np.float32(9)], np.r_[np.int32(0), p.indices, np.int32(0)],
+                      p.indptr + 1) for p in parts]
+    plain = buffer.join(views)
     np.testing.assert_array_equal(sparse.csr_matrix((plain.data, plain.indices, plain.indptr), shape=want.shape).toarray(),
                                   want)
+    # the second join reused the first one's arrays (no new memory per window) and is still exact
+    again = buffer.join(parts)
+    assert np.shares_memory(again.data, plain.data) and np.shares_memory(again.indices, plain.indices)
+    np.testing.assert_array_equal(again.toarray(), want)
+    # a larger window grows the buffer
+    bigger = buffer.join(parts + parts)
+    np.testing.assert_array_equal(bigger.toarray(), np.vstack([want, want]))
+
+
+def test_a_zarr_window_is_decoded_straight_into_a_reused_buffer(store):
+    from atlasdgd.data.window import WindowBuffer
+
+    cells = open_store(str(store))
+    rng = np.random.default_rng(4)
+    windows = [[np.arange(300, 364), np.arange(0, 64), np.arange(1000, 1001)],  # ranges, in the loader's order
+               [np.arange(64, 128), np.arange(900, 1000)],
+               [np.sort(rng.choice(cells.n_cells, 50, replace=False)), np.arange(5, 20)]]  # a scattered block
+    for m in cells.modalities:
+        buffer, previous = WindowBuffer(), None
+        for blocks in windows:
+            capacity = buffer.nbytes
+            got = cells.read_window(m, blocks, buffer)
+            want = sparse.vstack([cells.store.read_rows(m, b) for b in blocks], format="csr")
+            np.testing.assert_array_equal(got.toarray(), want.toarray())
+            assert got.indices.dtype == np.int32  # scipy kept the store's int32 indices (int32 row pointers)
+            data, indices = buffer.arrays(len(got.data), got.data.dtype, got.indices.dtype)  # no growth: a view
+            assert np.shares_memory(got.data, data) and np.shares_memory(got.indices, indices)
+            if previous is not None:  # the previous window's memory, unless this one needed more
+                assert np.shares_memory(got.data, previous.data) == (buffer.nbytes == capacity)
+            previous = got
+
+
+@pytest.mark.parametrize("batch_size,shuffle", [(40, True), (64, False)])
+def test_batches_kept_after_their_windows_are_reused_still_hold_their_cells(store, batch_size, shuffle):
+    # the loader reads every window into one of a few reused buffers: a batch must own its counts and
+    # non-zeros, or a later window would overwrite the batches a caller still holds. (64 cells in
+    # order with windows of 2 x 32 cells: each batch is a whole window, the case where scipy hands
+    # back views of the block itself)
+    cells = open_store(str(store))
+    batches = list(cells.loader(cells.split_rows("train"), batch_size, shuffle=shuffle, seed=0, chunk_cells=32,
+                                buffer_chunks=2))
+    assert len(batches) > 10
+    for batch in batches:
+        idx = batch.cells.numpy()
+        for m in cells.modalities:
+            want = cells.store.read_rows(m, idx).toarray()
+            np.testing.assert_array_equal(batch.counts[m].numpy(), want)
+            rows, cols, values = (t.numpy() for t in batch.nonzeros[m])
+            dense = np.zeros_like(want)
+            dense[rows, cols] = values
+            np.testing.assert_array_equal(dense, want)
+
+
+def test_a_loader_stopped_early_leaves_no_reader_threads_and_read_errors_reach_the_caller(store, monkeypatch):
+    import threading
+
+    def ours():
+        return [t for t in threading.enumerate() if t.name.startswith(("atlasdgd-window", "atlasdgd-prefetch"))]
+
+    cells = open_store(str(store))
+    rows = cells.split_rows("train")
+    it = iter(cells.loader(rows, 32, seed=0, chunk_cells=32, buffer_chunks=2))
+    for _ in range(3):
+        next(it)
+    it.close()  # what a `break` out of the loop does
+    deadline = time.time() + 5
+    while ours() and time.time() < deadline:
+        time.sleep(0.01)
+    assert not ours()
+    # a window that cannot be read: the caller gets the reader's error, not a hang or a short epoch
+    read = type(cells).read_window
+    calls = []
+
+    def failing(self, modality, blocks, buffer):
+        calls.append(1)
+        if len(calls) > 4:
+            raise OSError("disk gone")
+        return read(self, modality, blocks, buffer)
+
+    monkeypatch.setattr(type(cells), "read_window", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        for _ in cells.loader(rows, 32, seed=0, chunk_cells=32, buffer_chunks=2):
+            pass
 
 
 def _dense_nonzeros(x: torch.Tensor):

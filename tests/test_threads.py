@@ -88,3 +88,27 @@ def test_free_memory_between_live_blocks_goes_back_to_the_system():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["released"] is True
     assert result["freed_mib"] > 0.8 * 62.5  # the 1,000 freed 64 KiB blocks
+
+
+def test_the_loader_trims_once_in_a_steady_phase_and_again_whenever_it_grows(monkeypatch):
+    from atlasdgd.runtime import malloc
+
+    rss, trims = [0], []
+    monkeypatch.setattr(malloc, "resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(malloc, "release_free_memory", lambda: trims.append(rss[0]) or True)
+    trim, mib = malloc.TrimWhenGrown(threshold=16 << 20), 1 << 20
+
+    def window(size_mib: int) -> bool:
+        rss[0] = size_mib * mib
+        return trim()
+
+    assert window(500)  # the first window always
+    # steady: the working set after the trim (510) is the level; +/- a few MiB is no growth
+    assert not any(window(m) for m in (510, 515, 505, 526, 520))
+    assert window(527)  # 17 MiB over the level: trimmed, and the level is learnt again
+    assert not window(600)  # the level after that trim
+    assert not window(616) and window(617)
+    assert len(trims) == 3
+    # no resident set to read (not Linux): never trims
+    monkeypatch.setattr(malloc, "resident_bytes", lambda: None)
+    assert not malloc.TrimWhenGrown()()

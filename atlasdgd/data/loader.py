@@ -2,7 +2,8 @@
 
 Batches follow a :class:`~atlasdgd.data.plan.BlockShufflePlan` over this worker's shard: windows of
 consecutive cells are read with one request each (a store decodes whole chunks; an in-memory source
-slices its CSR), and each batch is scattered from the windows' CSR arrays into one dense block.
+slices its CSR) into a few reused buffers (:mod:`atlasdgd.data.window`; a zarr store decodes
+straight into them), and each batch is scattered from the windows' CSR arrays into one dense block.
 A background thread reads the next windows and assembles their batches while the trainer works
 (zarr, zarrs and TileDB release the GIL while decoding). A source held in memory (``resident``) has nothing to stage: each batch's rows are read
 straight into the dense block (the thread and windows only cost time there: 3x, measured). ``Batch.index`` is the position in the shard (the row of this worker's representation
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 
 from atlasdgd.data.plan import BlockShufflePlan, shard_rows, steps_per_epoch
+from atlasdgd.data.window import WindowBuffer
 from atlasdgd.model.module import Batch
-from atlasdgd.runtime.malloc import release_free_memory
+from atlasdgd.runtime.malloc import TrimWhenGrown, release_free_memory
 
 DEFAULT_BLOCK_CELLS = 1024  # cells per contiguous read of a source that does not set its own
 # cells of finished batches queued per unit of ``prefetch`` (8 batches of 128): counted in cells, not
@@ -82,10 +84,10 @@ class CellLoader:
         self.epoch = epoch
 
     # -- reading -----------------------------------------------------------------------------
-    def _read(self, positions: np.ndarray) -> tuple[dict, np.ndarray]:
-        """Counts of shard ``positions`` as one block per modality: (modality -> CSR of the sorted
-        positions' rows, sorted positions). One request per chunk, all chunks of a window at once where
-        the source reads concurrently (``read_row_blocks``), joined into one CSR so a batch is filled
+    def _read(self, positions: np.ndarray, buffers: dict[str, WindowBuffer]) -> tuple[dict, np.ndarray, dict]:
+        """Counts of shard ``positions`` as one block per modality, in ``buffers``: (modality -> CSR of
+        the sorted positions' rows, sorted positions, the buffers). One request per chunk, all chunks
+        of a window at once where the source reads concurrently, into one CSR so a batch is filled
         with one call per window instead of one per chunk."""
         positions = np.sort(positions)
         rows = self.rows[positions]
@@ -94,20 +96,27 @@ class CellLoader:
         pieces = np.split(rows, bounds)
         blocks = {}
         for m in self.modalities:
-            if hasattr(self.source, "read_row_blocks"):
-                parts = self.source.read_row_blocks(m, pieces)
+            if hasattr(self.source, "read_window"):
+                blocks[m] = self.source.read_window(m, pieces, buffers[m])
+            elif hasattr(self.source, "read_row_blocks"):
+                blocks[m] = buffers[m].join(self.source.read_row_blocks(m, pieces))
             else:
-                parts = [self.source.read_rows(m, p) for p in pieces]
-            blocks[m] = _stack_csr(parts)
-        return blocks, positions
+                blocks[m] = buffers[m].join([self.source.read_rows(m, p) for p in pieces])
+        return blocks, positions, buffers
 
-    def _windows(self, windows: list[np.ndarray]) -> Iterator[tuple[dict, np.ndarray]]:
-        """Each window read in turn; before each read the allocator hands back what the windows and
-        batches before it freed (without it, training's peak grew with the epoch's length: 1.0 KB per
-        cell of the atlas, see :mod:`atlasdgd.runtime.malloc`)."""
+    def _windows(self, windows: list[np.ndarray], free: list[dict]) -> Iterator[tuple[dict, np.ndarray, dict]]:
+        """Each window read in turn into buffers from ``free`` (those of windows no batch needs any
+        more), new ones only while there are none: the epoch reuses a few windows' memory instead of
+        allocating (and faulting in) every window afresh (see :mod:`atlasdgd.data.window`). The
+        batches' own arrays still leave freed blocks between live ones: a shuffling (training) loader
+        hands them back when the process has grown by 16 MiB since it last did
+        (:class:`~atlasdgd.runtime.malloc.TrimWhenGrown`; trimming every window cost ~30% of its
+        speed), one reading in order (validation, mapping: compute-bound) before every window (its
+        phases otherwise peaked ~20-40 MiB higher at 200k cells, measured)."""
+        trim = TrimWhenGrown() if self.shuffle else release_free_memory
         for positions in windows:
-            release_free_memory()
-            yield self._read(positions)
+            trim()
+            yield self._read(positions, free.pop() if free else {m: WindowBuffer() for m in self.modalities})
 
     # -- one batch ---------------------------------------------------------------------------
     def batch(self, positions: np.ndarray) -> Batch:
@@ -115,7 +124,8 @@ class CellLoader:
         positions = np.sort(np.asarray(positions, dtype=np.int64))
         if self.resident:
             return self._assemble_resident(positions)
-        return self._assemble(positions, np.zeros(self.plan.n or 1, dtype=np.int64), {0: self._read(positions)})
+        loaded = {0: self._read(positions, {m: WindowBuffer() for m in self.modalities})}
+        return self._assemble(positions, np.zeros(self.plan.n or 1, dtype=np.int64), loaded)
 
     def _assemble(self, positions: np.ndarray, window_of: np.ndarray, loaded) -> Batch:
         """The Batch of sorted shard ``positions``: dense counts scattered from the loaded windows'
@@ -127,7 +137,7 @@ class CellLoader:
             out = torch.empty((len(positions), self._n_features[m]), dtype=torch.float32, pin_memory=self._pin)
             dense, pieces = out.numpy(), []
             for w in np.unique(windows):
-                blocks, pos = loaded[int(w)]
+                blocks, pos, _ = loaded[int(w)]
                 want = positions[windows == w]
                 pieces.append(_fill_rows(blocks[m], np.searchsorted(pos, want), dense, np.searchsorted(positions, want)))
             counts[m], nonzeros[m] = out, _nonzero_tensors(pieces)
@@ -165,34 +175,35 @@ class CellLoader:
         return batch if self.device is None else batch.to(self.device)
 
     # -- an epoch ----------------------------------------------------------------------------
-    def _batches(self, order: np.ndarray, windows_in) -> Iterator[Batch]:
-        """Assemble the epoch's batches from windows arriving in order from ``windows_in``."""
-        span = self.plan.window_cells
-        window_of = np.empty(len(order), dtype=np.int64)
-        window_of[order] = np.arange(len(order)) // span
-        loaded: dict[int, dict] = {}
+    def _batches(self, order: np.ndarray, window_of: np.ndarray, windows_in, free: list[dict]) -> Iterator[Batch]:
+        """Assemble the epoch's batches from windows arriving in order from ``windows_in``
+        (``window_of``: each position's window); a window no batch needs any more hands its buffers
+        to ``free`` before the next one is read."""
+        loaded: dict[int, tuple] = {}
         next_window = 0
         for positions in self.plan.batches(self.epoch, order):
             if len(positions) == 0:  # a shard smaller than the steps every worker takes
                 yield self._finish(positions, {m: torch.zeros((0, self._n_features[m])) for m in self.modalities})
                 continue
             needed = np.unique(window_of[positions])
+            for w in [w for w in loaded if w < needed.min()]:
+                free.append(loaded.pop(w)[2])
             while next_window <= needed.max():
                 loaded[next_window] = next(windows_in)
                 next_window += 1
-            for w in [w for w in loaded if w < needed.min()]:
-                del loaded[w]
             yield self._assemble(positions, window_of, loaded)
 
     def __iter__(self) -> Iterator[Batch]:
-        order = self.plan.order(self.epoch)
+        order, starts = self.plan.order_windows(self.epoch)
         if self.resident:  # blocks already in RAM: nothing to read ahead
             for positions in self.plan.batches(self.epoch, order):
                 yield self._assemble_resident(positions)
             return
-        span = self.plan.window_cells
-        windows = [order[i : i + span] for i in range(0, len(order), span)]
-        batches = self._batches(order, self._windows(windows))
+        windows = np.split(order, starts[1:])
+        window_of = np.empty(len(order), dtype=np.int64)
+        window_of[order] = np.repeat(np.arange(len(windows)), [len(w) for w in windows])
+        free: list[dict] = []  # this epoch's window buffers not in use
+        batches = self._batches(order, window_of, self._windows(windows, free), free)
         if self.prefetch <= 0:
             yield from batches
             return
@@ -230,34 +241,6 @@ class CellLoader:
                     thread.join(timeout=0.05)
 
 
-def _stack_csr(parts: list):
-    """One CSR of the rows of ``parts`` in order (scipy blocks stay scipy; a lone block is kept as is).
-    Joined by hand: scipy's vstack took 78 ms per 16k-cell window (0.39 s of a 1.1 s epoch), two
-    concatenations take a fraction of that (measured)."""
-    if len(parts) == 1:
-        return parts[0]
-    spans = [(int(p.indptr[0]), int(p.indptr[-1])) for p in parts]
-    indptr, offset = [np.zeros(1, dtype=np.int64)], 0
-    for p, (lo, hi) in zip(parts, spans):
-        indptr.append(np.asarray(p.indptr[1:], dtype=np.int64) - lo + offset)
-        offset += hi - lo
-    data = np.concatenate([p.data[lo:hi] for p, (lo, hi) in zip(parts, spans)])
-    indices = np.concatenate([p.indices[lo:hi] for p, (lo, hi) in zip(parts, spans)])
-    indptr = np.concatenate(indptr)
-    if all(hasattr(p, "tocsr") for p in parts):
-        from scipy import sparse  # the sources that hand out scipy blocks have it installed
-
-        return sparse.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, parts[0].shape[1]))
-    return _CSR(data, indices, indptr)
-
-
-class _CSR:
-    """Rows as (data, indices, indptr): all that :func:`_scatter_rows` reads."""
-
-    def __init__(self, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray):
-        self.data, self.indices, self.indptr = data, indices, indptr
-
-
 def _contiguous(idx: np.ndarray) -> bool:
     return len(idx) > 0 and int(idx[-1]) - int(idx[0]) + 1 == len(idx) and bool(np.all(np.diff(idx) == 1))
 
@@ -280,8 +263,10 @@ def _fill_rows(x, rows: np.ndarray, out: np.ndarray, out_rows: np.ndarray):
         lengths = np.diff(rows_of_x.indptr)
         start = int(rows_of_x.indptr[0])
         end = start + int(lengths.sum())
-        return (np.repeat(np.arange(first, first + len(lengths), dtype=np.int32), lengths),
-                rows_of_x.indices[start:end], rows_of_x.data[start:end])
+        cols, values = rows_of_x.indices[start:end], rows_of_x.data[start:end]
+        if rows_of_x is x:  # views of the block, whose window buffer the next window reuses: keep copies
+            cols, values = cols.copy(), values.copy()
+        return np.repeat(np.arange(first, first + len(lengths), dtype=np.int32), lengths), cols, values
     out[out_rows] = 0
     return _scatter_rows(x, rows, out, out_rows)
 

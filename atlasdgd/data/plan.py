@@ -65,19 +65,28 @@ class BlockShufflePlan:
         return self.chunk_cells * self.buffer_chunks
 
     def order(self, epoch: int) -> np.ndarray:
+        return self.order_windows(epoch)[0]
+
+    def order_windows(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's order of positions and where its windows start in it: each window holds the
+        whole chunks of one shuffle buffer, so it is read as whole chunks (a window cut at fixed
+        cell counts straddled buffers after a short chunk, and read partial chunks as scattered
+        rows: 15 of 20 windows of a 80k-cell shard, measured)."""
         pos = np.arange(self.n)
         if not self.shuffle:
-            return pos
+            return pos, np.arange(0, self.n, self.window_cells)
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         if self.chunk_cells == 1:  # cells read one by one (in memory): a full permutation
-            return rng.permutation(self.n)
+            return rng.permutation(self.n), np.arange(0, self.n, self.window_cells)
         chunks = [pos[i : i + self.chunk_cells] for i in range(0, self.n, self.chunk_cells)]
         chunks = [chunks[i] for i in rng.permutation(len(chunks))]
         out = []
         for w in range(0, len(chunks), self.buffer_chunks):
             window = np.concatenate(chunks[w : w + self.buffer_chunks])
             out.append(window[rng.permutation(len(window))])
-        return np.concatenate(out) if out else pos
+        if not out:
+            return pos, np.zeros(0, dtype=np.int64)
+        return np.concatenate(out), np.cumsum([0] + [len(w) for w in out[:-1]])
 
     def batches(self, epoch: int, order: np.ndarray | None = None) -> list[np.ndarray]:
         """``n_steps`` arrays of positions (sorted within each batch), covering every position once."""

@@ -7,7 +7,9 @@ trim never reaches. Over an epoch that cost grew with the run's length, so with 
 training 200k cells peaked at 990 MiB against 817 at 20k (1.0 KB per cell, issue 12), with the
 allocator holding ~470 MiB more than the live heap at the end (measured with memray).
 :func:`release_free_memory` (``malloc_trim``) hands the free pages of every arena back to the
-system; the loader calls it before reading each window and training between its phases.
+system; training calls it between its phases. The loader called it before reading each window until
+windows were read into reused buffers (:mod:`atlasdgd.data.window`): the pages it handed back faulted
+in again with the next window, ~40% of the loader's time (measured).
 
 Measured alternatives: a fixed ``M_MMAP_THRESHOLD`` of 256 KiB (every large buffer its own
 mapping) reached a lower peak (701 / 782 MiB at 20k / 200k cells) but made the candidate search
@@ -62,8 +64,39 @@ def release_free_memory() -> bool:
 
     The call costs 1-2 ms with a 1 GiB heap (50 ms the first time, with 1.2 GiB of holes; measured;
     ctypes drops the GIL meanwhile, so the loader's thread trims while the trainer computes), but
-    the pages it hands back fault in again when reused. Hence once per window of cells, not per
-    batch; trimming at most every 5 s instead let training's peak grow 816 B per cell of the atlas
-    (20k -> 200k cells) against 447 B per window (measured)."""
+    the pages it hands back fault in again when reused: hence between phases, not in the loader."""
     libc = _libc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size now (Linux ``/proc/self/statm``: one read, ~20 us), or None."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class TrimWhenGrown:
+    """:func:`release_free_memory` on the first call, then only when the resident set has grown by
+    ``threshold`` bytes over its level one call after the last trim (the working set, pages faulted
+    back in included). Called before each window of a loader: in a steady phase (a training epoch)
+    that trims once, where a phase that leaves freed blocks between live ones (the held-out
+    mapping's search) is trimmed as often as it grows. Trimming every window cost ~30% of the
+    loader's speed in pages faulted in again (measured). A no-op where the resident set is unknown."""
+
+    def __init__(self, threshold: int = 16 << 20):
+        self.threshold, self.level, self.trimmed = int(threshold), None, False
+
+    def __call__(self) -> bool:
+        rss = resident_bytes()
+        if rss is None:
+            return False
+        if not self.trimmed or (self.level is not None and rss > self.level + self.threshold):
+            release_free_memory()
+            self.trimmed, self.level = True, None
+            return True
+        if self.level is None:
+            self.level = rss
+        return False

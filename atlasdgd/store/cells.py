@@ -83,6 +83,15 @@ class StoreCells(CellTable, LoadsBatches):
     def read_rows(self, modality: str, rows: np.ndarray) -> sparse.csr_matrix:
         return self.store.read_rows(modality, np.sort(rows))
 
+    def read_window(self, modality: str, blocks: list[np.ndarray], buffer) -> sparse.csr_matrix:
+        """The rows of ``blocks``, in order, as one CSR in ``buffer`` (a
+        :class:`~atlasdgd.data.window.WindowBuffer`): decoded straight into it where the store can
+        (zarr), else read block by block and copied in."""
+        blocks = [np.sort(b) for b in blocks]
+        if hasattr(self.store, "read_window"):
+            return self.store.read_window(modality, blocks, buffer)
+        return buffer.join(self.read_row_blocks(modality, blocks))
+
     def read_row_blocks(self, modality: str, blocks: list[np.ndarray]) -> list[sparse.csr_matrix]:
         """Several blocks of rows at once: concurrently where the store can (zarr), else one by one."""
         if hasattr(self.store, "read_row_blocks"):

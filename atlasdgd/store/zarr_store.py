@@ -275,11 +275,51 @@ class ZarrAtlasStore:
         """:meth:`read_rows` of several blocks of sorted rows, read concurrently (the loader's window)."""
         if len(blocks) <= 1:
             return [self.read_rows(modality, b) for b in blocks]
+        return list(self._read_pool().map(lambda b: self.read_rows(modality, b), blocks))
+
+    def read_window(self, modality: str, blocks: list[np.ndarray], buffer) -> sparse.csr_matrix:
+        """The rows of ``blocks`` (each sorted), in order, as one CSR decoded straight into ``buffer``
+        (a :class:`~atlasdgd.data.window.WindowBuffer`; the result is a view of it). Each block of
+        consecutive rows is one contiguous range of ``data`` and ``indices``, and the ranges are
+        decoded concurrently, each into its place: no per-range arrays, no join (blocks that are not
+        consecutive rows take :meth:`read_rows` and a copy)."""
+        from atlasdgd.data.window import csr, index_dtype_for
+
+        blocks = [np.asarray(b, dtype=np.int64) for b in blocks]
+        if not all(len(b) and int(b[-1]) - int(b[0]) + 1 == len(b) for b in blocks):
+            return buffer.join(self.read_row_blocks(modality, blocks))
+        indptr = self._indptr[modality]
+        firsts = np.array([int(b[0]) for b in blocks], dtype=np.int64)
+        lasts = np.array([int(b[-1]) + 1 for b in blocks], dtype=np.int64)
+        lo, hi = indptr[firsts], indptr[lasts]
+        sizes = hi - lo
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        data_array, indices_array = self._data[modality], self._indices[modality]
+        data, indices = buffer.arrays(int(offsets[-1]), data_array.dtype, indices_array.dtype)
+        reads = [(array, int(a), int(b), out[int(o) : int(o) + int(b - a)])
+                 for a, b, o in zip(lo, hi, offsets[:-1]) if b > a
+                 for array, out in ((data_array, data), (indices_array, indices))]
+        if len(reads) > 1:
+            list(self._read_pool().map(lambda r: _read_into(*r), reads))
+        elif reads:
+            _read_into(*reads[0])
+        if not _all_integers(data):
+            raise StoreError(f"{self.uri!r}: modality {modality!r} has non-integer counts in cells {firsts.min()}-"
+                             f"{lasts.max()}: the store is not a count store; ingest raw counts")
+        row_pointers = np.empty(int((lasts - firsts).sum()) + 1, dtype=index_dtype_for(int(offsets[-1])))
+        row_pointers[0], row = 0, 0
+        for first, last, a, o in zip(firsts, lasts, lo, offsets[:-1]):
+            n = int(last - first)
+            row_pointers[row + 1 : row + n + 1] = indptr[first + 1 : last + 1] - (a - o)
+            row += n
+        return csr(data, indices, row_pointers, self.n_features(modality))
+
+    def _read_pool(self):
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="atlasdgd-read")
-        return list(self._pool.map(lambda b: self.read_rows(modality, b), blocks))
+        return self._pool
 
     def read_rows(self, modality: str, rows: np.ndarray) -> sparse.csr_matrix:
         """Sorted rows as CSR. Dense selections read their covering range once; scattered ones
@@ -299,6 +339,13 @@ class ZarrAtlasStore:
             lo, hi = int(sel[0]), int(sel[-1]) + 1
             parts.append(self.read_range(modality, lo, hi)[sel - lo])
         return sparse.vstack(parts, format="csr")
+
+
+def _read_into(array, start: int, stop: int, out: np.ndarray) -> None:
+    """``out[:] = array[start:stop]``, decoded by zarr straight into ``out`` (no array of its own)."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    array.get_basic_selection(slice(start, stop), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
 
 
 def _read_columns(group) -> pd.DataFrame:
