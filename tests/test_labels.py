@@ -105,3 +105,22 @@ def test_a_whole_batch_shifted_a_little_farther_keeps_its_confidence():
     # a handful of such cells is not enough to measure a shift: they keep the absolute typicality
     few_labels, few_conf, few_probs = transfer.predict(shifted[:10], post[:10])
     np.testing.assert_allclose(few_probs[:, -1], 1.0 - absolute[:10], atol=1e-12)
+
+
+def test_reference_rows_of_a_whole_table_give_the_transfer_of_the_rows_taken_first(monkeypatch):
+    # the model passes its whole cell table and the training rows, so only the reference cells are
+    # copied: same reference, same subsample (more labelled cells than the cap), same probabilities
+    from atlasdgd.infer import labels as labels_module
+
+    monkeypatch.setattr(labels_module, "MAX_REFERENCE_CELLS", 300)
+    rng = np.random.default_rng(3)
+    basal, names, post = _cells(rng, 1000, 0.8)
+    names = names.astype(object)
+    names[rng.choice(1000, 50, replace=False)] = None  # unlabelled cells are left out either way
+    rows = np.sort(rng.choice(1000, 700, replace=False))
+    first = LabelTransfer.from_cells(basal[rows], names[rows], ["a", "b", "c"], ["a", "b", "c"], seed=4)
+    whole = LabelTransfer.from_cells(basal, names, ["a", "b", "c"], ["a", "b", "c"], seed=4, rows=rows)
+    assert len(whole.reference) == 300
+    np.testing.assert_array_equal(whole.reference, first.reference)
+    np.testing.assert_array_equal(whole.reference_codes, first.reference_codes)
+    np.testing.assert_array_equal(whole.probabilities(basal[:50], post[:50]), first.probabilities(basal[:50], post[:50]))

@@ -4,8 +4,8 @@ A window (a few thousand cells, ~3M non-zeros at 2,000 genes) used to arrive as 
 chunk, joined into fresh arrays again: ~50 MB of new memory per window, every page of it faulted in
 (zeroed by the kernel) and, once freed, left in glibc's heap between live blocks, so the loader had to
 hand free pages back (``malloc_trim``) before each window and fault them in again. Reading into the
-same arrays window after window costs neither (100k x 2,000 store: 48k -> see the README's loader
-numbers). A source that can decode straight into given arrays (the zarr store's ``read_window``)
+same arrays window after window costs neither (with the loader's rarer trims and whole-chunk windows,
+100k x 2,000 store: 54-56k -> 119-141k cells/s, README "Stores and scale"). A source that can decode straight into given arrays (the zarr store's ``read_window``)
 fills a buffer without any copy; for the others :meth:`WindowBuffer.join` copies their blocks in.
 """
 

@@ -57,8 +57,8 @@ def label_transfer(module, vocab, cells: ad.AnnData, seed: int = 0) -> LabelTran
     if not train.any():
         return None
     params = {k: v for k, v in vocab.label_transfer.items() if k in ("weight", "temperature", "k", "atypical_tail", "shift_corrected")}
-    return LabelTransfer.from_cells(cells.obsm[EMBEDDING_KEY][train], cells.obs[vocab.label_key].to_numpy()[train],
-                                    list(vocab.labels), vocab.component_labels, seed=seed, **params)
+    return LabelTransfer.from_cells(cells.obsm[EMBEDDING_KEY], cells.obs[vocab.label_key].to_numpy(), list(vocab.labels),
+                                    vocab.component_labels, seed=seed, rows=np.flatnonzero(train), **params)
 
 
 def fit_label_transfer(module, vocab, cells: ad.AnnData, seed: int = 0) -> dict:
