@@ -96,10 +96,8 @@ class CellLoader:
         pieces = np.split(rows, bounds)
         blocks = {}
         for m in self.modalities:
-            if hasattr(self.source, "read_window"):
+            if hasattr(self.source, "read_window"):  # stores: decoded into the buffer, concurrently where they can
                 blocks[m] = self.source.read_window(m, pieces, buffers[m])
-            elif hasattr(self.source, "read_row_blocks"):
-                blocks[m] = buffers[m].join(self.source.read_row_blocks(m, pieces))
             else:
                 blocks[m] = buffers[m].join([self.source.read_rows(m, p) for p in pieces])
         return blocks, positions, buffers
