@@ -64,15 +64,16 @@ def test_sparse_and_dense_gradients_agree(sample):
 
 
 def test_given_nonzeros_match_the_search_values_and_gradients(sample):
-    # the loader hands the likelihood its CSR non-zeros (any order, stored zeros included): same values
-    # and gradients as finding them in the dense counts
+    # the loader hands the likelihood its CSR non-zeros (rows in order, any order within a row, stored
+    # zeros included): same values and gradients as finding them in the dense counts
     x, frac, lib, _, r = sample
     x = torch.tensor(x)
     rows, cols = torch.nonzero(x, as_tuple=True)
-    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
     extra_zero = torch.nonzero(x == 0)[:3].T  # stored zeros
-    given = (torch.cat([rows[perm], extra_zero[0]]), torch.cat([cols[perm], extra_zero[1]]),
-             torch.cat([x[rows, cols][perm], torch.zeros(3, dtype=x.dtype)]))
+    rows, cols = torch.cat([rows, extra_zero[0]]), torch.cat([cols, extra_zero[1]])
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+    perm = perm[torch.argsort(rows[perm], stable=True)]  # shuffled within rows
+    given = (rows[perm], cols[perm], x[rows, cols][perm])
     given32 = (given[0].int(), given[1].int(), given[2])  # the loader's index dtype
     grads = []
     for nonzeros in (None, given, given32):
@@ -103,30 +104,48 @@ def test_hand_written_dense_backward_passes_gradcheck(sample):
 
 
 @pytest.mark.parametrize("table_counts", [1, 3, 16])
-def test_count_terms_match_lgamma_and_digamma_on_both_sides_of_the_table(table_counts):
-    # the lgamma terms come from a per-feature table up to table_counts and from lgamma above it:
-    # values against scipy's gammaln, gradients in r against digamma (the closed form), stored zeros give 0
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_count_term_sums_match_lgamma_and_digamma_on_both_sides_of_the_table(table_counts, dtype):
+    # the lgamma terms come from a per-feature table up to table_counts and from lgamma above it, summed
+    # per row: values against scipy's gammaln, gradients in r against digamma (the closed form), with an
+    # uneven upstream gradient; stored zeros add nothing; a row without entries sums to 0
     from scipy.special import digamma, gammaln
 
-    from atlasdgd.model.nb import count_terms
+    from atlasdgd.model.nb import count_term_sums
 
     rng = np.random.default_rng(1)
     r = rng.uniform(0.5, 50.0, 30)
+    n_rows = 12
+    rows = np.sort(rng.integers(0, n_rows - 1, 500))  # the last row gets no entry
     cols = rng.integers(0, 30, 500)
     x = rng.choice([0, 1, 2, 3, 4, 7, 40, 1000], size=500).astype(float)
-    rr = torch.tensor(r, requires_grad=True)
-    got = count_terms(torch.tensor(x), torch.tensor(cols), rr, table_counts)
-    want = gammaln(x + r[cols]) - gammaln(r[cols]) - gammaln(x + 1)
-    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-10, atol=1e-9)
-    weights = rng.uniform(0.5, 2.0, 500)
-    (got * torch.tensor(weights)).sum().backward()
-    want_grad = np.bincount(cols, weights * (digamma(x + r[cols]) - digamma(r[cols])), minlength=30)
-    np.testing.assert_allclose(rr.grad.numpy(), want_grad, rtol=1e-9, atol=1e-9)
-    assert torch.all(got.detach()[torch.tensor(x) == 0] == 0)
+    rr = torch.tensor(r, dtype=dtype, requires_grad=True)
+    got = count_term_sums(torch.tensor(x, dtype=dtype), torch.tensor(rows), torch.tensor(cols), rr, n_rows, table_counts)
+    per_entry = gammaln(x + r[cols]) - gammaln(r[cols]) - gammaln(x + 1)
+    tol = dict(rtol=1e-10, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-3)
+    np.testing.assert_allclose(got.detach().numpy(), np.bincount(rows, per_entry, minlength=n_rows), **tol)
+    assert got[-1] == 0
+    weights = rng.uniform(0.5, 2.0, n_rows)
+    (got * torch.tensor(weights, dtype=dtype)).sum().backward()
+    slope = weights[rows] * (digamma(x + r[cols]) - digamma(r[cols]))
+    np.testing.assert_allclose(rr.grad.numpy(), np.bincount(cols, slope, minlength=30), **tol)
 
 
-def test_count_terms_of_no_entries_are_empty():
-    from atlasdgd.model.nb import count_terms
+def test_count_term_sums_pass_gradcheck_and_ignore_stored_zeros():
+    from atlasdgd.model.nb import count_term_sums
 
-    out = count_terms(torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.ones(4))
-    assert out.shape == (0,)
+    rr = torch.tensor([0.7, 3.0, 12.0], dtype=torch.float64, requires_grad=True)
+    rows, cols = torch.tensor([0, 0, 1, 1, 3]), torch.tensor([0, 2, 1, 2, 0])
+    x = torch.tensor([1.0, 5.0, 0.0, 40.0, 2.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda r: count_term_sums(x, rows, cols, r, 4, 8), (rr,))
+    keep = x > 0
+    torch.testing.assert_close(count_term_sums(x, rows, cols, rr, 4, 8),
+                               count_term_sums(x[keep], rows[keep], cols[keep], rr, 4, 8))
+
+
+def test_count_term_sums_of_no_entries_are_zeros():
+    from atlasdgd.model.nb import count_term_sums
+
+    empty = torch.zeros(0, dtype=torch.long)
+    out = count_term_sums(torch.zeros(0), empty, empty, torch.ones(4), 3)
+    assert torch.equal(out, torch.zeros(3))
