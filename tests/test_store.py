@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from scipy import sparse
+import zarr
 
 from atlasdgd.cli import main
 from atlasdgd.data.adapters import prepare, read_input
@@ -173,15 +174,28 @@ def test_bad_stores_fail_with_clear_messages(tmp_path):
     (uri / MANIFEST).write_text("{not json")
     with pytest.raises(StoreError, match="not valid JSON"):
         open_store(str(uri))
-    # non-integer counts are refused when read
-    frac = tmp_path / "frac.zarr"
-    w = StoreWriter(str(frac), 4, {"rna": (3, 1.0)})
-    w.append("rna", sparse.csr_matrix(np.array([[0.5, 0, 1], [0, 2, 0], [1, 1, 1], [0, 0, 3]], np.float32)))
+    # non-integer counts are refused when written, and a store that records no such check (written
+    # before the writer made it) is checked when read
     from atlasdgd.store.format import StoreManifest
 
+    frac = tmp_path / "frac.zarr"
+    w = StoreWriter(str(frac), 4, {"rna": (3, 1.0)})
+    with pytest.raises(StoreError, match=r"non-integer counts in cells 0-4.*raw counts"):
+        w.append("rna", sparse.csr_matrix(np.array([[0.5, 0, 1], [0, 2, 0], [1, 1, 1], [0, 0, 3]], np.float32)))
+    w.abort()
+    assert not frac.exists()
+    w = StoreWriter(str(frac), 4, {"rna": (3, 1.0)})
+    w.append("rna", sparse.csr_matrix(np.array([[4, 0, 1], [0, 2, 0], [1, 1, 1], [0, 0, 3]], np.float32)))
     w.finish(pd.DataFrame({"dgd_split": pd.Categorical(["train"] * 4), "library_rna": np.ones(4, np.float32),
                            "observed_rna": True}, index=list("abcd")),
              {"rna": pd.DataFrame(index=["g0", "g1", "g2"])}, StoreManifest(4, {"rna": {"n_features": 3, "nnz": 7}}))
+    assert json.loads((frac / MANIFEST).read_text())["counts_checked"] is True
+    assert open_store(str(frac)).store._check_reads is False
+    data = zarr.open_array(str(frac / "mod" / "rna" / "X" / "data"), mode="r+")
+    data[0] = 0.5  # the store changed behind the writer's back, and its manifest from before the check
+    old = json.loads((frac / MANIFEST).read_text())
+    del old["counts_checked"]
+    (frac / MANIFEST).write_text(json.dumps(old))
     cells = open_store(str(frac))
     with pytest.raises(StoreError, match="non-integer"):
         next(iter(cells.loader(np.arange(4), 2)))

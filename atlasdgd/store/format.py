@@ -84,6 +84,9 @@ class StoreManifest:
     order: str = "input"  # "input", "shuffle" or "split" (see atlasdgd.store.ingest.ORDERS)
     min_cells_fraction: float = 0.0
     source: str = ""
+    # every count was checked to be a whole number when written (StoreWriter does): readers need not
+    # check each read again. Stores written before this field read as False and are checked on read
+    counts_checked: bool = False
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     atlasdgd_version: str = ""
