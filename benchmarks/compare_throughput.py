@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("cells_per_s_full_step", "cells_per_s_model_only", "ms_per_step_full", "peak_rss_mib")
+KEYS = ("cells_per_s_full_step", "cells_per_s_model_only", "ms_per_step_full", "ms_per_step_model",
+        "ms_per_step_matmul_floor", "peak_rss_mib")
 
 
 def run(tree: Path, extra: list[str]) -> dict:
@@ -52,6 +53,9 @@ def main() -> None:
     for side, runs in results.items():
         summary[side] = {k: [r[k] for r in runs] for k in KEYS}
         summary[side]["median_cells_per_s_full_step"] = statistics.median(r["cells_per_s_full_step"] for r in runs)
+        # the yardstick: the decoder's matmul floor as a share of a full step, same run
+        summary[side]["floor_share_full_step"] = round(statistics.median(
+            r["ms_per_step_matmul_floor"] / r["ms_per_step_full"] for r in runs), 3)
     summary["new_over_old_full_step"] = round(summary["new"]["median_cells_per_s_full_step"]
                                               / summary["old"]["median_cells_per_s_full_step"], 3)
     print(json.dumps(summary, indent=1))

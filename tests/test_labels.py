@@ -124,3 +124,33 @@ def test_reference_rows_of_a_whole_table_give_the_transfer_of_the_rows_taken_fir
     np.testing.assert_array_equal(whole.reference, first.reference)
     np.testing.assert_array_equal(whole.reference_codes, first.reference_codes)
     np.testing.assert_array_equal(whole.probabilities(basal[:50], post[:50]), first.probabilities(basal[:50], post[:50]))
+
+
+def test_neighbours_searched_block_by_block_match_a_direct_count(monkeypatch):
+    # votes, typicality and the reference's own spread are computed a block of cells at a time: with
+    # blocks of 7 cells they equal a direct computation over all cells at once (sklearn's neighbours,
+    # counted by hand)
+    from sklearn.neighbors import NearestNeighbors
+
+    import atlasdgd.infer.labels as labels_module
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(60, 4)).astype(np.float32)
+    codes = rng.integers(0, 3, 60)
+    query = (rng.normal(size=(55, 4)) * 1.2).astype(np.float32)
+    monkeypatch.setattr(labels_module, "NEIGHBOUR_BLOCK", 7)
+    lt = labels_module.LabelTransfer(["a", "b", "c"], ["a", "b", "c"], ref, codes, k=5)
+    votes, typical = lt._neighbours(query, shift_corrected=True)
+
+    dist, idx = NearestNeighbors(n_neighbors=5).fit(ref).kneighbors(query)
+    want_votes = np.stack([np.bincount(codes[row], minlength=3) for row in idx])
+    np.testing.assert_allclose(votes, (want_votes + 1 / 3) / 6)
+    own, _ = NearestNeighbors(n_neighbors=6).fit(ref).kneighbors(ref)
+    spread = np.sort(own[:, 1:].mean(1))
+    np.testing.assert_allclose(lt._reference_spread, spread, rtol=1e-6)
+    distance = dist.mean(1)
+    shift = np.median(distance) / np.median(spread)
+    if 1.0 < shift <= labels_module.MAX_SHIFT:
+        distance = distance / shift
+    want_typical = (len(spread) - np.searchsorted(spread, distance, side="left") + 1.0) / (len(spread) + 1.0)
+    np.testing.assert_allclose(typical, want_typical)

@@ -42,6 +42,10 @@ DEFAULT_K = 15
 MAX_REFERENCE_CELLS = 50_000  # neighbours are searched among at most this many training cells
 SHIFT_MIN_CELLS = 50  # smallest query whose median distance is trusted to measure a batch shift
 MAX_SHIFT = 3.0  # largest batch shift the typicality forgives (farther: a different population)
+# cells whose neighbours are searched at a time: each block's distances and indices ([rows, k] float64
+# and int64) are reduced before the next, so a large query (or the reference searched against itself)
+# holds 16 B x k per cell of one block, not of all
+NEIGHBOUR_BLOCK = 8192
 _WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 _TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(20.0), 61))
 
@@ -91,10 +95,15 @@ class LabelTransfer:
 
         self._index = NearestNeighbors(n_neighbors=min(self.k, len(self.reference))).fit(self.reference)
         self._membership = _membership(self.component_labels, self.labels)
-        # each reference cell's mean distance to its k nearest other reference cells, sorted
-        n = min(self.k + 1, len(self.reference))
-        dist, _ = NearestNeighbors(n_neighbors=n).fit(self.reference).kneighbors(self.reference)
-        self._reference_spread = np.sort(dist[:, 1:].mean(axis=1)) if n > 1 else np.zeros(1)
+        # each reference cell's mean distance to its k nearest other reference cells, sorted (the same
+        # index, asked for k + 1 neighbours of the reference's own points; the first is the point itself)
+        k = min(self.k, len(self.reference) - 1)
+        if k < 1:
+            self._reference_spread = np.zeros(1)
+        else:
+            spread = [self._index.kneighbors(self.reference[i : i + NEIGHBOUR_BLOCK], n_neighbors=k + 1)[0][:, 1:].mean(1)
+                      for i in range(0, len(self.reference), NEIGHBOUR_BLOCK)]
+            self._reference_spread = np.sort(np.concatenate(spread))
 
     @classmethod
     def from_cells(cls, basal: np.ndarray, labels: np.ndarray, label_names: list[str],
@@ -127,18 +136,23 @@ class LabelTransfer:
 
     def _neighbours(self, basal: np.ndarray, shift_corrected: bool = False) -> tuple[np.ndarray, np.ndarray]:
         n_labels = len(self.labels)
-        dist, idx = self._index.kneighbors(np.asarray(basal, dtype=np.float32))
+        basal = np.asarray(basal, dtype=np.float32)
+        distance = np.empty(len(basal))
+        votes = np.empty((len(basal), n_labels))
+        for start in range(0, len(basal), NEIGHBOUR_BLOCK):  # see NEIGHBOUR_BLOCK
+            dist, idx = self._index.kneighbors(basal[start : start + NEIGHBOUR_BLOCK])
+            distance[start : start + len(idx)] = dist.mean(axis=1)
+            cell_label = np.repeat(np.arange(len(idx)), idx.shape[1]) * n_labels + self.reference_codes[idx].ravel()
+            votes[start : start + len(idx)] = np.bincount(cell_label, minlength=len(idx) * n_labels).reshape(len(idx), n_labels)
         spread = self._reference_spread
-        distance = dist.mean(axis=1)
         if shift_corrected and len(distance) >= SHIFT_MIN_CELLS:
             shift = float(np.median(distance) / max(np.median(spread), 1e-12))
             if 1.0 < shift <= MAX_SHIFT:
                 distance = distance / shift
         # (count + 1) / (n + 1): never exactly 0, so no confidence is 0
         typical = (len(spread) - np.searchsorted(spread, distance, side="left") + 1.0) / (len(spread) + 1.0)
-        votes = np.zeros((len(idx), n_labels))
-        np.add.at(votes, (np.repeat(np.arange(len(idx)), idx.shape[1]), self.reference_codes[idx].ravel()), 1.0)
-        return (votes + 1.0 / n_labels) / (idx.shape[1] + 1.0), typical
+        k = self._index.n_neighbors
+        return (votes + 1.0 / n_labels) / (k + 1.0), typical
 
     def posterior_mass(self, posterior: np.ndarray) -> np.ndarray:
         """``[N, L]`` mixture posterior mass per label, renormalised over labelled components."""
