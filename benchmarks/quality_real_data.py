@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--baseline", action="store_true", help="also compute Leiden on PCA")
+    p.add_argument("--compile", action="store_true", help="train with the step's dense part compiled (train(compile=True))")
     args = p.parse_args()
 
     path, label, cov = SETS[args.dataset]
@@ -62,6 +63,7 @@ def main() -> None:
         max_epochs=args.max_epochs, min_epochs=args.min_epochs, patience=args.patience, hyperprior=args.hyperprior,
         init=args.init, gmm_init=args.gmm_init, mixture_step=args.mixture_step, l1=args.l1, representation_steps=args.representation_steps,
         lr_representation=args.lr_representation, lr_decoder=args.lr_decoder, batch_size=args.batch_size, progress=False,
+        compile=args.compile,
         **({"lr_basal_gmm": args.lr_basal_gmm} if args.lr_basal_gmm else {}),
         on_epoch=lambda r: r["epoch"] % 10 == 0 and print(
             f"epoch {r['epoch']} train {r['train_recon']:.4f} val {r.get('val_recon', float('nan')):.4f} {r['seconds']:.2f}s",

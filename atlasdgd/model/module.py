@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.decoder import Decoder
 from atlasdgd.model.gmm import GaussianMixture
-from atlasdgd.model.nb import nb_log_prob_rows
+from atlasdgd.model.nb import count_term_sums, nb_log_prob_rows
 
 
 @dataclass
@@ -159,12 +160,59 @@ class DGDModule(nn.Module):
             if batch.observed is not None and m in batch.observed:
                 nll = nll * batch.observed[m]
             recon[m] = nll
-        basal, covs = self.split_representation(z)
+        basal, _ = self.split_representation(z)
+        return LossTerms(recon, -self.basal.log_prob(basal), self.covariate_terms(batch, z))
+
+    def covariate_terms(self, batch: Batch, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per covariate, the cells' negative supervised score (``[B]`` each)."""
+        _, covs = self.split_representation(z)
         cov_terms = {}
         for q, (name, gmm) in enumerate(self.covariate_gmms.items()):
             scale = gmm.n_components if self.config.covariate_loss_scale == "n_classes" else 1.0
             cov_terms[name] = -scale * self._covariate_log_prob(gmm, covs[name], batch.covariates[:, q])
-        return LossTerms(recon, -self.basal.log_prob(basal), cov_terms)
+        return cov_terms
+
+    def smooth_terms(self, z: torch.Tensor, counts: dict[str, torch.Tensor], log_library: dict[str, torch.Tensor],
+                     covariates: torch.Tensor):
+        """The shape-static part of a training step's loss in plain, branch-free torch operations, for
+        ``torch.compile`` to fuse forward and backward (see :class:`~atlasdgd.train.trainer.Trainer`):
+        per modality the negated NB terms that do not vanish at x = 0, ``-(x t - (x + r) softplus(t))``
+        summed per cell (t = log(mu / r); the count terms are added by the caller), ``-log p(basal z)``,
+        the covariate terms and ``log p(phi)``. Eagerly, :meth:`losses` computes the same with the
+        hand-written likelihood (tested equal)."""
+        log_y = self.log_fractions(z, list(counts))
+        dense = {}
+        for m, x in counts.items():
+            r = self.dispersion(m)
+            t = log_y[m] + (log_library[m][:, None] - torch.log(r))
+            sp = F.softplus(t)
+            dense[m] = -((x * (t - sp)).sum(1) - sp @ r)
+        basal, covs = self.split_representation(z)
+        cov_terms = {}
+        for q, (name, gmm) in enumerate(self.covariate_gmms.items()):
+            scale = gmm.n_components if self.config.covariate_loss_scale == "n_classes" else 1.0
+            codes = covariates[:, q]
+            # both scores for every cell, one kept: no branch on the data (see _covariate_log_prob)
+            score = torch.where(codes >= 0, gmm.class_log_prob(covs[name], codes.clamp_min(0)), gmm.log_prob(covs[name]))
+            cov_terms[name] = -scale * score
+        return dense, -self.basal.log_prob(basal), cov_terms, self.hyperprior_log_prob()
+
+    def losses_from_smooth(self, batch: Batch, dense: dict[str, torch.Tensor], basal_nll: torch.Tensor,
+                           cov_terms: dict[str, torch.Tensor]) -> LossTerms:
+        """:meth:`losses` from :meth:`smooth_terms`' results: the count terms of the non-zeros and the
+        observed masks added eagerly (their shapes vary by batch)."""
+        recon = {}
+        for m, x in batch.counts.items():
+            if batch.nonzeros is not None and m in batch.nonzeros:
+                rows, cols, values = batch.nonzeros[m]
+            else:
+                rows, cols = torch.nonzero(x, as_tuple=True)
+                values = x[rows, cols]
+            nll = dense[m] - count_term_sums(values, rows, cols, self.dispersion(m), len(batch))
+            if batch.observed is not None and m in batch.observed:
+                nll = nll * batch.observed[m]
+            recon[m] = nll
+        return LossTerms(recon, basal_nll, cov_terms)
 
     @staticmethod
     def _covariate_log_prob(gmm: GaussianMixture, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
