@@ -16,7 +16,7 @@ from torch import nn
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.decoder import Decoder
 from atlasdgd.model.gmm import GaussianMixture
-from atlasdgd.model.nb import count_term_sums, nb_log_prob_rows
+from atlasdgd.model.nb import count_term_sums, nb_log_prob_rows, nonzero_entries
 
 
 @dataclass
@@ -203,11 +203,8 @@ class DGDModule(nn.Module):
         observed masks added eagerly (their shapes vary by batch)."""
         recon = {}
         for m, x in batch.counts.items():
-            if batch.nonzeros is not None and m in batch.nonzeros:
-                rows, cols, values = batch.nonzeros[m]
-            else:
-                rows, cols = torch.nonzero(x, as_tuple=True)
-                values = x[rows, cols]
+            given = batch.nonzeros is not None and m in batch.nonzeros
+            rows, cols, values = batch.nonzeros[m] if given else nonzero_entries(x)
             nll = dense[m] - count_term_sums(values, rows, cols, self.dispersion(m), len(batch))
             if batch.observed is not None and m in batch.observed:
                 nll = nll * batch.observed[m]

@@ -53,12 +53,14 @@ def nb_log_prob_rows(
     (:func:`count_term_sums`). Counts must be integers (the data checks say so before training).
     """
     dense = _DenseTerms.apply(log_fraction, torch.log(library.clamp_min(1e-12)).detach(), r, x.detach())
-    if nonzeros is None:
-        rows, cols = torch.nonzero(x, as_tuple=True)  # row-major: rows in order
-        xv = x[rows, cols]
-    else:
-        rows, cols, xv = nonzeros
+    rows, cols, xv = nonzero_entries(x) if nonzeros is None else nonzeros
     return dense + _CountTermSums.apply(r, rows, cols, xv.detach(), x.shape[0], TABLE_COUNTS)
+
+
+def nonzero_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, cols, values)`` of the non-zeros of dense counts, rows in order (row-major search)."""
+    rows, cols = torch.nonzero(x, as_tuple=True)
+    return rows, cols, x[rows, cols]
 
 
 TABLE_COUNTS = 32  # largest count read from the table; larger ones (<1% of RNA non-zeros) use lgamma

@@ -71,7 +71,8 @@ class Trainer:
                                                     betas=betas, **fused))
         self.n_features = dict(module.config.modalities)
         self.dense_params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
-        # the shape-static part of the step compiled for full batches (config.compile); None: eager
+        # the shape-static part of the step, compiled for batches of batch_size cells (config.compile; shorter
+        # ones are padded, see _terms); None: eager
         self._smooth = None
         if config.compile:
             log.info("training: compiling the step's dense part with torch.compile (once, ~25 s on 2 CPU cores)")
