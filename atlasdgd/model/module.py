@@ -161,15 +161,22 @@ class DGDModule(nn.Module):
                 nll = nll * batch.observed[m]
             recon[m] = nll
         basal, _ = self.split_representation(z)
-        return LossTerms(recon, -self.basal.log_prob(basal), self.covariate_terms(batch, z))
+        return LossTerms(recon, -self.basal.log_prob(basal), self.covariate_terms(z, batch.covariates))
 
-    def covariate_terms(self, batch: Batch, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per covariate, the cells' negative supervised score (``[B]`` each)."""
+    def covariate_terms(self, z: torch.Tensor, covariates: torch.Tensor, branch_free: bool = False) -> dict[str, torch.Tensor]:
+        """Per covariate, the cells' negative supervised score (``[B]`` each; codes ``-1``: the mixture
+        marginal). ``branch_free``: both scores for every cell and one kept, no branch on the data (for
+        ``torch.compile``); otherwise only what the codes need (see :meth:`_covariate_log_prob`)."""
         _, covs = self.split_representation(z)
         cov_terms = {}
         for q, (name, gmm) in enumerate(self.covariate_gmms.items()):
             scale = gmm.n_components if self.config.covariate_loss_scale == "n_classes" else 1.0
-            cov_terms[name] = -scale * self._covariate_log_prob(gmm, covs[name], batch.covariates[:, q])
+            codes = covariates[:, q]
+            if branch_free:
+                score = torch.where(codes >= 0, gmm.class_log_prob(covs[name], codes.clamp_min(0)), gmm.log_prob(covs[name]))
+            else:
+                score = self._covariate_log_prob(gmm, covs[name], codes)
+            cov_terms[name] = -scale * score
         return cov_terms
 
     def smooth_terms(self, z: torch.Tensor, counts: dict[str, torch.Tensor], log_library: dict[str, torch.Tensor],
@@ -187,15 +194,9 @@ class DGDModule(nn.Module):
             t = log_y[m] + (log_library[m][:, None] - torch.log(r))
             sp = F.softplus(t)
             dense[m] = -((x * (t - sp)).sum(1) - sp @ r)
-        basal, covs = self.split_representation(z)
-        cov_terms = {}
-        for q, (name, gmm) in enumerate(self.covariate_gmms.items()):
-            scale = gmm.n_components if self.config.covariate_loss_scale == "n_classes" else 1.0
-            codes = covariates[:, q]
-            # both scores for every cell, one kept: no branch on the data (see _covariate_log_prob)
-            score = torch.where(codes >= 0, gmm.class_log_prob(covs[name], codes.clamp_min(0)), gmm.log_prob(covs[name]))
-            cov_terms[name] = -scale * score
-        return dense, -self.basal.log_prob(basal), cov_terms, self.hyperprior_log_prob()
+        basal, _ = self.split_representation(z)
+        return (dense, -self.basal.log_prob(basal), self.covariate_terms(z, covariates, branch_free=True),
+                self.hyperprior_log_prob())
 
     def losses_from_smooth(self, batch: Batch, dense: dict[str, torch.Tensor], basal_nll: torch.Tensor,
                            cov_terms: dict[str, torch.Tensor]) -> LossTerms:
