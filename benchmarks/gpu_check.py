@@ -4,7 +4,9 @@ Needs only torch and numpy (scipy is used for the PCA start when present). Run f
 root without installing:  python benchmarks/gpu_check.py  [--cells 20000 --genes 2000]
 Prints one JSON object: the first losses on both devices and their largest relative difference,
 mapping agreement, cells/s per batch size on GPU and CPU (fp32 and bf16-mixed on the GPU), and
-the peak GPU memory. Without CUDA it runs the CPU half (a smoke test) and says so.
+the peak GPU memory. ``--compile`` adds cells/s with the step's dense part compiled (``train --compile``;
+Triton on the GPU) at the first batch size, on both devices, next to the eager numbers. Without CUDA it
+runs the CPU half (a smoke test) and says so.
 """
 
 from __future__ import annotations
@@ -114,14 +116,16 @@ def train_and_map(cells: SimulatedCells, device: str, epochs: int, init: str) ->
             "device_of_module": str(next(module.parameters()).device)}
 
 
-def throughput(cells: SimulatedCells, device: str, batch_size: int, precision: str = "32") -> float:
-    """Training cells/s over one epoch of the training cells (after one warm-up epoch)."""
+def throughput(cells: SimulatedCells, device: str, batch_size: int, precision: str = "32",
+               compile_step: bool = False) -> float:
+    """Training cells/s over one epoch of the training cells (after one warm-up epoch, which holds the
+    one compile with ``compile_step``)."""
     torch.manual_seed(0)
     module = DGDModule(config(cells), generator=torch.Generator().manual_seed(0)).to(device)
     module.autocast_dtype = torch.bfloat16 if precision == "bf16-mixed" else None
     rows = cells.split_rows("train")
     table = RepresentationTable(torch.zeros(len(rows), module.config.representation_dim), device=device)
-    trainer = Trainer(module, TrainConfig(batch_size=batch_size), table)
+    trainer = Trainer(module, TrainConfig(batch_size=batch_size, compile=compile_step), table)
     loader = cells.loader(rows, batch_size, seed=0, device=device)
     trainer.train_epoch(loader)  # warm-up: allocator, kernels
     if device.startswith("cuda"):
@@ -141,6 +145,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the CPU/GPU agreement run")
     parser.add_argument("--batch-sizes", default="128,512,1024,4096")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled step at the first batch size")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,11 +176,16 @@ def main(argv=None) -> dict:
         out["losses_agree"] = out["max_rel_loss_difference"] < 1e-3
         out["train_seconds_cpu_gpu"] = [cpu["seconds"], gpu["seconds"]]
     out["cells_per_s"] = {}
-    for b in [int(x) for x in args.batch_sizes.split(",")]:
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    for b in sizes:
         row = {"cpu": throughput(cells, "cpu", b)}
+        if args.compile and b == sizes[0]:
+            row["cpu_compiled"] = throughput(cells, "cpu", b, compile_step=True)
         if has_cuda:
             row["cuda"] = throughput(cells, "cuda", b)
             row["cuda_bf16_mixed"] = throughput(cells, "cuda", b, "bf16-mixed")
+            if args.compile and b == sizes[0]:
+                row["cuda_compiled"] = throughput(cells, "cuda", b, compile_step=True)
         out["cells_per_s"][str(b)] = row
         print(json.dumps({"batch_size": b, **row}), file=sys.stderr, flush=True)
     if has_cuda:
