@@ -102,7 +102,7 @@ def _add_train(sub) -> None:
     p.add_argument("--gmm-init", choices=["auto", "labels", "kmeans", "leiden"], default=None,
                    help="mixture start (auto: label classes when --label-key is given, else Leiden)")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the training step's dense part: ~1.3x per CPU step, ~25 s to compile "
+                   help="torch.compile the training step's dense part: ~1.2x per CPU step, ~25 s to compile "
                         "(pays on long runs; needs a C++ compiler on CPUs)")
     p.add_argument("--mixture-step", choices=["adam", "em"], default=None,
                    help="basal mixture update: adam every minibatch, or em once per epoch (see README)")

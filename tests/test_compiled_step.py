@@ -54,3 +54,21 @@ def test_a_step_that_cannot_compile_warns_once_and_trains_eagerly(monkeypatch, c
     failed = [r for r in caplog.records if "torch.compile of the step failed" in r.getMessage()]
     assert len(failed) == 1 and "cc not found" in failed[0].getMessage()
     assert compiled._smooth is None
+
+
+def test_a_batch_without_covariates_trains_compiled():
+    # Batch.covariates may be None (a model without covariates): the compiled path pads what is there
+    # and passes None on, instead of falling back as if compiling had failed
+    data = atlasdgd.simulate(n_cells=200, n_genes=40, n_types=2, n_batches=1, seed=0)
+    model = atlasdgd.DGD(data, label_key="cell_type", split_fractions=(1.0, 0.0, 0.0), seed=0)
+    rows = model.data.split_rows("train")
+    start = torch.zeros(len(rows), model.model_config.representation_dim)
+    eager = Trainer(model.module, TrainConfig(batch_size=64), RepresentationTable(start))
+    compiled = Trainer(copy.deepcopy(model.module), TrainConfig(batch_size=64, compile=True), RepresentationTable(start))
+    batch = next(iter(model.data.loader(rows, 64, seed=0)))
+    batch.covariates = None
+    assert len(batch) < 64
+    a, _ = eager.train_step(batch)
+    b, _ = compiled.train_step(batch)
+    assert compiled._smooth is not None
+    torch.testing.assert_close(b.per_cell(), a.per_cell(), rtol=1e-4, atol=1e-3)

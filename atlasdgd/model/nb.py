@@ -54,7 +54,7 @@ def nb_log_prob_rows(
     """
     dense = _DenseTerms.apply(log_fraction, torch.log(library.clamp_min(1e-12)).detach(), r, x.detach())
     rows, cols, xv = nonzero_entries(x) if nonzeros is None else nonzeros
-    return dense + _CountTermSums.apply(r, rows, cols, xv.detach(), x.shape[0], TABLE_COUNTS)
+    return dense + count_term_sums(xv, rows, cols, r, x.shape[0])
 
 
 def nonzero_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,8 +35,11 @@ def fused_optimizer_options(module: torch.nn.Module) -> dict:
 
 
 def _padded(inputs, rows: int):
-    """Every tensor of ``inputs`` (nested one level in dicts) with ``rows`` rows of zeros appended."""
+    """Every tensor of ``inputs`` (nested one level in dicts) with ``rows`` rows of zeros appended; ``None``
+    (a batch without covariates) stays ``None``."""
     def pad(t):
+        if t is None:
+            return None
         return F.pad(t, (0, 0, 0, rows) if t.ndim == 2 else (0, rows))
     return tuple({k: pad(v) for k, v in x.items()} if isinstance(x, dict) else pad(x) for x in inputs)
 
