@@ -126,7 +126,7 @@ def throughput(cells: SimulatedCells, device: str, batch_size: int, precision: s
     rows = cells.split_rows("train")
     table = RepresentationTable(torch.zeros(len(rows), module.config.representation_dim), device=device)
     trainer = Trainer(module, TrainConfig(batch_size=batch_size, compile=compile_step), table)
-    loader = cells.loader(rows, batch_size, seed=0, device=device)
+    loader = cells.loader(rows, batch_size, seed=0, device=device, count_summaries=True)
     trainer.train_epoch(loader)  # warm-up: allocator, kernels
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -46,7 +46,7 @@ def main() -> None:
     def endless(prefetch: int, seed: int):
         epoch = 0
         while True:
-            loader = cells.loader(rows, model.train_config.batch_size, seed=seed, prefetch=prefetch)
+            loader = cells.loader(rows, model.train_config.batch_size, seed=seed, prefetch=prefetch, count_summaries=True)
             loader.set_epoch(epoch)
             yield from loader
             epoch += 1

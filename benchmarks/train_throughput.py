@@ -67,7 +67,7 @@ def main() -> None:
     cfg = TrainConfig(batch_size=args.batch_size, compile=args.compile)
     table = RepresentationTable(torch.zeros(len(rows), model.model_config.representation_dim))
     trainer = Trainer(model.module, cfg, table)
-    loader = model.data.loader(rows, args.batch_size, seed=0)
+    loader = model.data.loader(rows, args.batch_size, seed=0, count_summaries=True)  # as `train` runs it
     it = iter(loader)
     batches = [next(it) for _ in range(args.steps)]
 

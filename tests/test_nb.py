@@ -149,3 +149,37 @@ def test_count_term_sums_of_no_entries_are_zeros():
     empty = torch.zeros(0, dtype=torch.long)
     out = count_term_sums(torch.zeros(0), empty, empty, torch.ones(4), 3)
     assert torch.equal(out, torch.zeros(3))
+
+
+@pytest.mark.parametrize("n_features", [30, 40_000])  # width 32, and a width of 1 (wide ATAC-like modalities)
+def test_count_terms_total_of_a_summary_matches_gammaln_and_digamma(n_features):
+    # the training loss sums the lgamma terms over the batch from the loader's summary: value against
+    # scipy's gammaln, gradient in r against digamma (closed forms), counts on both sides of the width,
+    # stored zeros ignored
+    from scipy.special import digamma, gammaln
+
+    from atlasdgd.data.count_summary import summarize_counts, summary_width
+    from atlasdgd.model.nb import count_terms_total
+
+    rng = np.random.default_rng(4)
+    r = rng.uniform(0.05, 50.0, n_features)
+    cols = rng.integers(0, n_features, 2000).astype(np.int32)
+    x = rng.choice([0, 1, 2, 3, 5, 31, 32, 33, 40, 1000], size=2000).astype(np.float32)
+    summary = summarize_counts(cols, x, n_features)
+    assert summary.width == summary_width(n_features) == (32 if n_features == 30 else 1)
+    rr = torch.tensor(r, dtype=torch.float64, requires_grad=True)
+    got = count_terms_total(summary, rr)
+    xd, rc = x.astype(np.float64), r[cols]  # scipy in float64 (gammaln of float32 input is float32)
+    np.testing.assert_allclose(float(got), (gammaln(xd + rc) - gammaln(rc) - gammaln(xd + 1)).sum(), rtol=1e-10)
+    got.backward()
+    want = np.bincount(cols, digamma(xd + rc) - digamma(rc), minlength=n_features)
+    np.testing.assert_allclose(rr.grad.numpy(), want, rtol=1e-9, atol=1e-9)
+
+
+def test_a_summary_of_no_entries_sums_to_zero():
+    from atlasdgd.data.count_summary import summarize_counts
+    from atlasdgd.model.nb import count_terms_total
+
+    summary = summarize_counts(np.zeros(0, np.int32), np.zeros(0, np.float32), 5)
+    assert summary.histogram.shape == (5, 32) and not summary.histogram.any() and summary.large_values.numel() == 0
+    assert float(count_terms_total(summary, torch.ones(5))) == 0.0

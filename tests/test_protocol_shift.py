@@ -10,26 +10,35 @@ from atlasdgd.evaluate.metrics import confidence_report
 
 @pytest.fixture(scope="module")
 def shifted():
-    # the query batch's log fold changes per gene are 4x those between the training batches (sd 2.0)
+    # the query batch's log fold changes per gene are 4x those between the training batches (sd 2.0);
+    # two training seeds: the confidence of the few (5-8) wrongly labelled cells varies from run to run
+    # (mean 0.84-1.0 over four runs, 2026-12-07), so their comparison with the right ones pools both
     data = atlasdgd.simulate(n_cells=2400, n_types=5, n_batches=4, n_genes=400, batch_effect=0.5,
                              batch_scale=(1, 1, 1, 4), seed=5)
     query = (data.obs["batch"] == "batch_3").to_numpy()
-    model = atlasdgd.DGD(data[~query].copy(), label_key="cell_type", covariate_keys=["batch"], seed=0)
-    model.train(max_epochs=30, min_epochs=30, progress=False)
-    return model, data[query].copy()
+    models = []
+    for seed in (0, 1):
+        model = atlasdgd.DGD(data[~query].copy(), label_key="cell_type", covariate_keys=["batch"], seed=seed)
+        model.train(max_epochs=30, min_epochs=30, progress=False)
+        models.append(model)
+    return models, data[query].copy()
 
 
 @pytest.mark.parametrize("new_classes", [False, True])
 def test_a_batch_from_another_protocol_keeps_its_labels(shifted, new_classes):
-    model, query = shifted
-    mapped = model.map(query, new_covariate_classes=new_classes, progress=False)
+    models, query = shifted
     truth = query.obs["cell_type"].astype(str).to_numpy()
-    labels = mapped.obs["dgd_label"].astype(str).to_numpy()
-    report = confidence_report(labels, truth, mapped.obs["dgd_label_confidence"].to_numpy())
-    assert report["accuracy"] >= 0.95, report
-    assert report["ece"] <= 0.05, report
-    if report["mean_confidence_wrong"] is not None:
-        assert report["mean_confidence_wrong"] < report["mean_confidence_right"], report
+    labels, confidence = [], []
+    for model in models:
+        mapped = model.map(query, new_covariate_classes=new_classes, progress=False)
+        labels.append(mapped.obs["dgd_label"].astype(str).to_numpy())
+        confidence.append(mapped.obs["dgd_label_confidence"].to_numpy())
+        report = confidence_report(labels[-1], truth, confidence[-1])
+        assert report["accuracy"] >= 0.95, report
+        assert report["ece"] <= 0.05, report
+    pooled = confidence_report(np.concatenate(labels), np.concatenate([truth] * len(models)), np.concatenate(confidence))
+    if pooled["mean_confidence_wrong"] is not None:
+        assert pooled["mean_confidence_wrong"] < pooled["mean_confidence_right"], pooled
 
 
 def test_many_unequal_clusters_keep_every_component_without_labels():

@@ -437,6 +437,62 @@ def test_batches_carry_the_nonzeros_of_their_dense_counts_in_row_order(store, so
             np.testing.assert_array_equal(values[keep], want[2])
 
 
+@pytest.mark.parametrize("source", ["store", "memory", "mudata"])
+def test_batch_count_summaries_sum_the_count_terms_of_their_observed_cells(store, h5mu, tmp_path, source):
+    # a training step sums the lgamma terms over the batch from the loader's summaries: they must equal
+    # the per-cell count terms of the batch's own dense counts, cells without the modality left out
+    # (the MuData has 50 cells without ATAC), for streamed windows and resident CSR alike
+    from atlasdgd.model.nb import count_term_sums, count_terms_total
+
+    if source == "mudata":
+        uri = tmp_path / "mu.zarr"
+        ingest(str(h5mu), str(uri), label_key="cell_type", covariate_keys=["batch"], chunk_cells=64, progress=False)
+        cells = open_store(str(uri))
+    else:
+        cells = open_store(str(store))
+    if source == "memory":
+        cells = prepare(simulate(SimulationConfig(n_cells=900, n_types=4, n_batches=2, n_genes=100, n_peaks=150, seed=2)),
+                        label_key="cell_type", covariate_keys=["batch"])
+    rng = np.random.default_rng(0)
+    loader = cells.loader(cells.split_rows("train"), 96, seed=3, chunk_cells=64, buffer_chunks=3, count_summaries=True)
+    assert next(iter(cells.loader(cells.split_rows("train"), 96))).count_summaries is None  # only where asked for
+    unobserved = 0
+    for batch in loader:
+        for m in cells.modalities:
+            r = torch.tensor(rng.uniform(0.1, 20.0, batch.counts[m].shape[1]), dtype=torch.float64)
+            rows, cols, values = _dense_nonzeros(batch.counts[m])
+            per_cell = count_term_sums(torch.tensor(values, dtype=torch.float64), torch.tensor(rows), torch.tensor(cols),
+                                       r, len(batch))
+            if batch.observed is not None:
+                per_cell = per_cell * batch.observed[m]
+                unobserved += int((~batch.observed[m]).sum())
+            torch.testing.assert_close(count_terms_total(batch.count_summaries[m], r), per_cell.sum(), rtol=1e-6, atol=1e-6)
+    assert (unobserved > 0) == (source == "mudata")
+
+
+def test_a_training_step_from_count_summaries_equals_the_per_cell_step(store):
+    # the same step with the count terms per cell (no summaries): equal loss terms, and equal
+    # parameters and representations after it
+    import copy
+
+    cells = open_store(str(store))
+    rows = cells.split_rows("train")
+    config = ModelConfig(modalities={"rna": 100, "atac": 150}, latent_dim=4, n_components=4, covariates={"batch": 2})
+    module = DGDModule(config, torch.Generator().manual_seed(0))
+    start = torch.randn(len(rows), config.representation_dim, generator=torch.Generator().manual_seed(1))
+    trainers = [Trainer(copy.deepcopy(module), TrainConfig(batch_size=64), RepresentationTable(start)) for _ in "ab"]
+    for batch in list(cells.loader(rows, 64, seed=0, count_summaries=True))[:4]:
+        assert batch.count_summaries is not None
+        plain = copy.copy(batch)
+        plain.count_summaries = None
+        (a, objective_a), (b, objective_b) = trainers[0].train_step(batch), trainers[1].train_step(plain)
+        assert a.reconstruction_batch and not b.reconstruction_batch
+        torch.testing.assert_close(objective_a, objective_b, rtol=1e-5, atol=1e-2)
+    for p, q in zip(trainers[0].module.parameters(), trainers[1].module.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(trainers[0].train_table.values, trainers[1].train_table.values, rtol=1e-4, atol=1e-5)
+
+
 def test_training_from_a_store_equals_training_in_memory_for_the_same_order(store, tmp_path):
     cells = open_store(str(store))
     sim = simulate(SimulationConfig(n_cells=2500, n_types=4, n_batches=2, n_genes=100, n_peaks=150, seed=2))

@@ -44,7 +44,8 @@ class LoadsBatches:
     def loader(self, rows: np.ndarray, batch_size: int = 128, shuffle: bool = True, seed: int = 0,
                rank: int = 0, world_size: int = 1, **options):
         """Minibatches of ``rows``; with several workers, worker ``rank``'s shard (see
-        :mod:`atlasdgd.data.plan`). ``options``: ``chunk_cells``, ``buffer_chunks``, ``prefetch``, ``device``."""
+        :mod:`atlasdgd.data.plan`). ``options``: ``chunk_cells``, ``buffer_chunks``, ``prefetch``, ``device``,
+        ``count_summaries`` (see :class:`~atlasdgd.data.loader.CellLoader`)."""
         from atlasdgd.data.loader import CellLoader
 
         return CellLoader(self, rows, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,

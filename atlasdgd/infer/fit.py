@@ -30,7 +30,10 @@ class EpochStats:
         self.cells += len(batch)
         sums = {"objective": torch.as_tensor(objective_sum).detach().double()}
         for m, v in terms.reconstruction.items():
-            sums[f"recon.{m}"] = v.detach().sum().double()
+            total = v.detach().sum()
+            if m in terms.reconstruction_batch:
+                total = total + terms.reconstruction_batch[m].detach()
+            sums[f"recon.{m}"] = total.double()
             if batch.observed is not None:
                 sums[f"cells.{m}"] = batch.observed[m].sum().double()
             else:

@@ -7,7 +7,7 @@ validation, mapping and many workers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from torch import nn
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.decoder import Decoder
 from atlasdgd.model.gmm import GaussianMixture
-from atlasdgd.model.nb import count_term_sums, nb_log_prob_rows, nonzero_entries
+from atlasdgd.model.nb import CountSummary, count_term_sums, count_terms_total, dense_terms, nb_log_prob_rows, nonzero_entries
 
 
 @dataclass
@@ -35,6 +35,9 @@ class Batch:
     # modality -> (rows, cols, values) of the non-zero counts (the loader has them from its CSR
     # blocks); None: the likelihood finds them in the dense counts
     nonzeros: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    # modality -> the non-zeros summarised for a training loss that sums their lgamma terms over the
+    # batch (see LossTerms.reconstruction_batch); None: per cell from ``nonzeros``
+    count_summaries: dict[str, CountSummary] | None = None
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -54,16 +57,26 @@ class Batch:
             features=None if self.features is None else {m: move(v) for m, v in self.features.items()},
             cells=self.cells,
             nonzeros=None if self.nonzeros is None else {m: tuple(move(t) for t in v) for m, v in self.nonzeros.items()},
+            count_summaries=None if self.count_summaries is None else
+            {m: v.to(device, non_blocking) for m, v in self.count_summaries.items()},
         )
 
 
 @dataclass
 class LossTerms:
-    """Per-cell negative log terms of the objective, each ``[B]``."""
+    """Per-cell negative log terms of the objective, each ``[B]``, and ``reconstruction_batch``: parts
+    of a modality's reconstruction term summed over the batch's cells instead (the lgamma terms of the
+    counts, which depend on the dispersions and counts but not on a cell's representation, so training
+    needs only their sum: :class:`~atlasdgd.model.nb.CountSummary`)."""
 
     reconstruction: dict[str, torch.Tensor]
     basal_prior: torch.Tensor
     covariate_prior: dict[str, torch.Tensor]
+    reconstruction_batch: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def total(self) -> torch.Tensor:
+        """The batch's summed objective: every cell's terms and the batch-level parts."""
+        return sum(self.reconstruction_batch.values(), self.per_cell().sum())
 
     def reconstruction_total(self) -> torch.Tensor:
         return torch.stack(list(self.reconstruction.values())).sum(0)
@@ -142,11 +155,17 @@ class DGDModule(nn.Module):
         log_y = self.log_fractions(z, list(library))
         return {m: torch.exp(log_y[m]) * library[m][:, None] for m in library}
 
-    def losses(self, batch: Batch, z: torch.Tensor) -> LossTerms:
-        """Per-cell negative log terms for the cells of ``batch`` at representations ``z``."""
+    def losses(self, batch: Batch, z: torch.Tensor, batch_sums: bool = False) -> LossTerms:
+        """Negative log terms for the cells of ``batch`` at representations ``z``: per cell, or with
+        ``batch_sums`` (training) the count terms of modalities the loader summarised summed over the
+        batch (:meth:`_summarised_count_terms`)."""
         log_y = self.log_fractions(z, list(batch.counts))
         recon = {}
+        summed = self._summarised_count_terms(batch) if batch_sums else {}
         for m, x in batch.counts.items():
+            if m in summed:
+                recon[m] = self._masked(batch, m, -dense_terms(x, log_y[m], batch.library[m], self.dispersion(m)))
+                continue
             log_fraction, r = log_y[m], self.dispersion(m)
             if batch.features is not None and m in batch.features:
                 # features the cell was not measured on are left out of the likelihood, not read as
@@ -156,12 +175,23 @@ class DGDModule(nn.Module):
                 log_fraction = log_fraction - torch.logsumexp(log_fraction, dim=1, keepdim=True)
                 r = r.index_select(0, idx)
             nonzeros = None if batch.nonzeros is None else batch.nonzeros.get(m)
-            nll = -nb_log_prob_rows(x, log_fraction, batch.library[m], r, nonzeros)
-            if batch.observed is not None and m in batch.observed:
-                nll = nll * batch.observed[m]
-            recon[m] = nll
+            recon[m] = self._masked(batch, m, -nb_log_prob_rows(x, log_fraction, batch.library[m], r, nonzeros))
         basal, _ = self.split_representation(z)
-        return LossTerms(recon, -self.basal.log_prob(basal), self.covariate_terms(z, batch.covariates))
+        return LossTerms(recon, -self.basal.log_prob(basal), self.covariate_terms(z, batch.covariates), summed)
+
+    def _summarised_count_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per modality the loader summarised (all features measured), minus the sum of the count terms
+        over the batch: the part of its reconstruction term that training needs only summed."""
+        summaries = batch.count_summaries or {}
+        return {m: -count_terms_total(s, self.dispersion(m)) for m, s in summaries.items()
+                if m in batch.counts and (batch.features is None or m not in batch.features)}
+
+    @staticmethod
+    def _masked(batch: Batch, m: str, nll: torch.Tensor) -> torch.Tensor:
+        """Cells without modality ``m`` add nothing to its reconstruction term."""
+        if batch.observed is not None and m in batch.observed:
+            return nll * batch.observed[m]
+        return nll
 
     def covariate_terms(self, z: torch.Tensor, covariates: torch.Tensor, branch_free: bool = False) -> dict[str, torch.Tensor]:
         """Per covariate, the cells' negative supervised score (``[B]`` each; codes ``-1``: the mixture
@@ -200,17 +230,17 @@ class DGDModule(nn.Module):
 
     def losses_from_smooth(self, batch: Batch, dense: dict[str, torch.Tensor], basal_nll: torch.Tensor,
                            cov_terms: dict[str, torch.Tensor]) -> LossTerms:
-        """:meth:`losses` from :meth:`smooth_terms`' results: the count terms of the non-zeros and the
+        """:meth:`losses` with ``batch_sums`` from :meth:`smooth_terms`' results: the count terms and the
         observed masks added eagerly (their shapes vary by batch)."""
+        summed = self._summarised_count_terms(batch)
         recon = {}
         for m, x in batch.counts.items():
-            given = batch.nonzeros is not None and m in batch.nonzeros
-            rows, cols, values = batch.nonzeros[m] if given else nonzero_entries(x)
-            nll = dense[m] - count_term_sums(values, rows, cols, self.dispersion(m), len(batch))
-            if batch.observed is not None and m in batch.observed:
-                nll = nll * batch.observed[m]
-            recon[m] = nll
-        return LossTerms(recon, basal_nll, cov_terms)
+            if m not in summed:
+                given = batch.nonzeros is not None and m in batch.nonzeros
+                rows, cols, values = batch.nonzeros[m] if given else nonzero_entries(x)
+                dense[m] = dense[m] - count_term_sums(values, rows, cols, self.dispersion(m), len(batch))
+            recon[m] = self._masked(batch, m, dense[m])
+        return LossTerms(recon, basal_nll, cov_terms, summed)
 
     @staticmethod
     def _covariate_log_prob(gmm: GaussianMixture, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,15 @@
 Single-cell counts are 60-99% zeros and for x = 0 only the last term survives, so
 :func:`nb_log_prob_rows` evaluates the lgamma terms only at the non-zero entries. :func:`nb_log_prob`
 is the plain element-wise form (used for per-feature metrics and as the reference the sparse path is
-tested against).
+tested against). Training needs the lgamma terms only summed over the batch (they depend on the
+dispersions and counts, never on a cell's representation): :func:`count_terms_total` reads them from
+a :class:`CountSummary` the loader builds off the step's path.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +55,13 @@ def nb_log_prob_rows(
     (:class:`_DenseTerms`). The lgamma terms run on the non-zeros only, read from a per-feature table
     (:func:`count_term_sums`). Counts must be integers (the data checks say so before training).
     """
-    dense = _DenseTerms.apply(log_fraction, torch.log(library.clamp_min(1e-12)).detach(), r, x.detach())
     rows, cols, xv = nonzero_entries(x) if nonzeros is None else nonzeros
-    return dense + count_term_sums(xv, rows, cols, r, x.shape[0])
+    return dense_terms(x, log_fraction, library, r) + count_term_sums(xv, rows, cols, r, x.shape[0])
+
+
+def dense_terms(x: torch.Tensor, log_fraction: torch.Tensor, library: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Per cell, the terms of log NB that do not vanish at x = 0 (see :func:`nb_log_prob_rows`): ``[B]``."""
+    return _DenseTerms.apply(log_fraction, torch.log(library.clamp_min(1e-12)).detach(), r, x.detach())
 
 
 def nonzero_entries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,6 +78,46 @@ def count_term_sums(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, r: 
     """Per row, the sum of ``lgamma(x + r_j) - lgamma(r_j) - lgamma(x + 1)`` over the entries ``(rows, cols, x)``
     (integer counts, rows in non-decreasing order as a CSR matrix or ``torch.nonzero`` lists them): ``[n_rows]``."""
     return _CountTermSums.apply(r, rows, cols, x.detach(), n_rows, table_counts)
+
+
+@dataclass
+class CountSummary:
+    """A batch's non-zero counts of one modality as the sum of their lgamma terms needs them.
+
+    For integer x, ``lgamma(x + r) - lgamma(r) - lgamma(x + 1) = sum_{k<x} log((r + k) / (k + 1))``: a
+    ``[F, C]`` table of cumulative sums over k, so summed over a batch's entries it is the table weighted
+    by the histogram of ``(feature, count)``, plus, for the few counts above the summary's width C, their
+    remainder from C. Built by the loader from its CSR blocks
+    (:func:`atlasdgd.data.count_summary.summarize_counts`), it replaces the per-entry gather, segment sum
+    and scatter of :func:`count_term_sums` in a training step with a few ``[F, C]`` operations, and
+    needs no host sync on a GPU.
+    """
+
+    histogram: torch.Tensor  # [F, C] float32: entries of feature j with count min(x, C) = v + 1
+    large_cols: torch.Tensor  # [L] long: features of the entries with count > C
+    large_values: torch.Tensor  # [L] float32: their counts
+
+    @property
+    def width(self) -> int:
+        return int(self.histogram.shape[1])
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> "CountSummary":
+        return CountSummary(*(t.to(device, non_blocking=non_blocking)
+                              for t in (self.histogram, self.large_cols, self.large_values)))
+
+
+def count_terms_total(summary: CountSummary, r: torch.Tensor) -> torch.Tensor:
+    """The sum over the summarised entries of ``lgamma(x + r_j) - lgamma(r_j) - lgamma(x + 1)`` (a scalar,
+    differentiable in ``r``; autograd's backward is a few ``[F, C]`` passes and a digamma per large count)."""
+    c = summary.width
+    k = torch.arange(c, dtype=r.dtype, device=r.device)
+    table = torch.cumsum(torch.log(r[:, None] + k) - torch.log1p(k), 1)  # column v: count v + 1
+    capped = (summary.histogram.to(r.dtype) * table).sum()
+    if summary.large_values.numel() == 0:
+        return capped
+    x, rl = summary.large_values.to(r.dtype), r.index_select(0, summary.large_cols)
+    rest = torch.lgamma(x + rl) - torch.lgamma(rl + c) - torch.lgamma(x + 1.0) + math.lgamma(c + 1.0)
+    return capped + rest.sum()
 
 
 class _CountTermSums(torch.autograd.Function):

@@ -136,7 +136,7 @@ def run_training(module: DGDModule, source, cfg: TrainConfig, *, label_codes: np
 
     def loader(split: str):
         return source.loader(rows[split], cfg.batch_size, shuffle=True, seed=cfg.seed, rank=rank, world_size=world,
-                             device=device)
+                             device=device, count_summaries=split == "train")
 
     # no table for the test cells: they are mapped as new cells after training (their own search)
     tables = {s: RepresentationTable(torch.from_numpy(init[mine[s]]), cfg.lr_representation, cfg.betas, device=device)

@@ -89,12 +89,12 @@ class Trainer:
     def train_step(self, batch: Batch):
         z = self.train_table.gather(batch.index)
         terms, hyperprior = self._terms(batch, z)
-        per_cell = terms.per_cell()
+        objective = terms.total()
         # N workers optimise the objective of one process on the union of their batches: divide by
         # the global batch size; terms counted once per step are split over the workers
         workers = world_size()
         global_batch = all_reduce_sum([len(batch)])[0] if workers > 1 else len(batch)
-        loss = per_cell.sum() / global_batch - self.hyperprior_weight * hyperprior / workers
+        loss = objective / global_batch - self.hyperprior_weight * hyperprior / workers
         if self.config.l1 > 0:
             l1 = sum(p.abs().sum() for n, p in self.module.decoder.named_parameters() if "weight" in n)
             loss = loss + self.config.l1 * l1 / workers
@@ -112,7 +112,7 @@ class Trainer:
         if self.config.representation_steps > 1:
             representation_step(self.module, batch, self.train_table, self.config.representation_steps - 1,
                                 batch_mean=True)
-        return terms, per_cell.detach().sum()
+        return terms, objective.detach()
 
     def _terms(self, batch: Batch, z: torch.Tensor):
         """The batch's loss terms and log p(phi): the dense part compiled (for one shape: a batch of
@@ -136,7 +136,7 @@ class Trainer:
                     dense, basal_nll, cov_terms = ({m: d[:n] for m, d in dense.items()}, basal_nll[:n],
                                                    {k: c[:n] for k, c in cov_terms.items()})
                 return self.module.losses_from_smooth(batch, dense, basal_nll, cov_terms), hyperprior
-        return self.module.losses(batch, z), self.module.hyperprior_log_prob()
+        return self.module.losses(batch, z, batch_sums=True), self.module.hyperprior_log_prob()
 
     def train_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
         self.module.train()
