@@ -1,11 +1,13 @@
 """Old against new, side by side: runs benchmarks/train_throughput.py from a git revision and from this
 working tree in alternation (same machine, same minutes), and prints both.
 
-    python benchmarks/compare_throughput.py --ref HEAD~1 [--rounds 2] [--new-args=--compile] [-- --cells 50000 --threads 2]
+    python benchmarks/compare_throughput.py --ref HEAD~1 [--rounds 2] [--new-args=--compile] [--old-args=--compile]
+        [-- --cells 50000 --threads 2]
 
 The revision is checked out into a temporary git worktree and imported from there (PYTHONPATH), so
 both sides run their own code with this environment's libraries. ``--new-args`` go to this tree's
-side only (options the revision's benchmark does not have, such as ``--compile``).
+side only (options the revision's benchmark does not have, such as ``--compile``), ``--old-args`` to the
+revision's (compiled against compiled: both).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> None:
     p.add_argument("--ref", required=True, help="git revision to compare against (for example HEAD~1)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--new-args", default="", help="extra options for this tree's side only, one string: --new-args=--compile")
+    p.add_argument("--old-args", default="", help="extra options for the revision's side only: --old-args=--compile")
     args, extra = p.parse_known_args()
     extra = [a for a in extra if a != "--"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,11 +50,12 @@ def main() -> None:
         try:
             results: dict[str, list[dict]] = {"old": [], "new": []}
             for _ in range(args.rounds):
-                results["old"].append(run(old, extra))
+                results["old"].append(run(old, extra + args.old_args.split()))
                 results["new"].append(run(ROOT, extra + args.new_args.split()))
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
-    summary = {"ref": args.ref, "rounds": args.rounds, "args": extra, "new_args": args.new_args.split()}
+    summary = {"ref": args.ref, "rounds": args.rounds, "args": extra, "new_args": args.new_args.split(),
+               "old_args": args.old_args.split()}
     for side, runs in results.items():
         summary[side] = {k: [r[k] for r in runs] for k in KEYS}
         summary[side]["median_cells_per_s_full_step"] = statistics.median(r["cells_per_s_full_step"] for r in runs)

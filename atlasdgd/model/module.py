@@ -235,11 +235,12 @@ class DGDModule(nn.Module):
         summed = self._summarised_count_terms(batch)
         recon = {}
         for m, x in batch.counts.items():
+            nll = dense[m]
             if m not in summed:
                 given = batch.nonzeros is not None and m in batch.nonzeros
                 rows, cols, values = batch.nonzeros[m] if given else nonzero_entries(x)
-                dense[m] = dense[m] - count_term_sums(values, rows, cols, self.dispersion(m), len(batch))
-            recon[m] = self._masked(batch, m, dense[m])
+                nll = nll - count_term_sums(values, rows, cols, self.dispersion(m), len(batch))
+            recon[m] = self._masked(batch, m, nll)
         return LossTerms(recon, basal_nll, cov_terms, summed)
 
     @staticmethod
