@@ -158,15 +158,16 @@ class DGDModule(nn.Module):
     def losses(self, batch: Batch, z: torch.Tensor, batch_sums: bool = False) -> LossTerms:
         """Negative log terms for the cells of ``batch`` at representations ``z``: per cell, or with
         ``batch_sums`` (training) the count terms of modalities the loader summarised summed over the
-        batch (:meth:`_summarised_count_terms`)."""
+        batch (see :meth:`_count_summary`)."""
         log_y = self.log_fractions(z, list(batch.counts))
-        recon = {}
-        summed = self._summarised_count_terms(batch) if batch_sums else {}
+        recon, summed = {}, {}
         for m, x in batch.counts.items():
-            if m in summed:
-                recon[m] = self._masked(batch, m, -dense_terms(x, log_y[m], batch.library[m], self.dispersion(m)))
-                continue
             log_fraction, r = log_y[m], self.dispersion(m)
+            summary = self._count_summary(batch, m) if batch_sums else None
+            if summary is not None:
+                summed[m] = -count_terms_total(summary, r)
+                recon[m] = self._masked(batch, m, -dense_terms(x, log_fraction, batch.library[m], r))
+                continue
             if batch.features is not None and m in batch.features:
                 # features the cell was not measured on are left out of the likelihood, not read as
                 # zeros: the fractions are renormalised over the measured ones
@@ -179,12 +180,13 @@ class DGDModule(nn.Module):
         basal, _ = self.split_representation(z)
         return LossTerms(recon, -self.basal.log_prob(basal), self.covariate_terms(z, batch.covariates), summed)
 
-    def _summarised_count_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Per modality the loader summarised (all features measured), minus the sum of the count terms
-        over the batch: the part of its reconstruction term that training needs only summed."""
-        summaries = batch.count_summaries or {}
-        return {m: -count_terms_total(s, self.dispersion(m)) for m, s in summaries.items()
-                if m in batch.counts and (batch.features is None or m not in batch.features)}
+    @staticmethod
+    def _count_summary(batch: Batch, m: str) -> CountSummary | None:
+        """The loader's summary of modality ``m``'s non-zeros, where it has one and every feature is
+        measured: its count terms then enter the loss summed over the batch."""
+        if batch.count_summaries is None or (batch.features is not None and m in batch.features):
+            return None
+        return batch.count_summaries.get(m)
 
     @staticmethod
     def _masked(batch: Batch, m: str, nll: torch.Tensor) -> torch.Tensor:
@@ -232,14 +234,15 @@ class DGDModule(nn.Module):
                            cov_terms: dict[str, torch.Tensor]) -> LossTerms:
         """:meth:`losses` with ``batch_sums`` from :meth:`smooth_terms`' results: the count terms and the
         observed masks added eagerly (their shapes vary by batch)."""
-        summed = self._summarised_count_terms(batch)
-        recon = {}
+        recon, summed = {}, {}
         for m, x in batch.counts.items():
-            nll = dense[m]
-            if m not in summed:
+            nll, r, summary = dense[m], self.dispersion(m), self._count_summary(batch, m)
+            if summary is not None:
+                summed[m] = -count_terms_total(summary, r)
+            else:
                 given = batch.nonzeros is not None and m in batch.nonzeros
                 rows, cols, values = batch.nonzeros[m] if given else nonzero_entries(x)
-                nll = nll - count_term_sums(values, rows, cols, self.dispersion(m), len(batch))
+                nll = nll - count_term_sums(values, rows, cols, r, len(batch))
             recon[m] = self._masked(batch, m, nll)
         return LossTerms(recon, basal_nll, cov_terms, summed)
 
