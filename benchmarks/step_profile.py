@@ -15,13 +15,11 @@ import json
 import time
 import warnings
 
-import atlasdgd  # before torch: OpenMP's wait policy
+import atlasdgd  # noqa: F401  (before torch: OpenMP's wait policy)
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from atlasdgd.optim.row_adam import RepresentationTable
-from atlasdgd.train.config import TrainConfig
-from atlasdgd.train.trainer import Trainer
+from train_throughput import simulated_training
 
 warnings.filterwarnings("ignore")
 
@@ -39,12 +37,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    data = atlasdgd.simulate(n_cells=args.cells, n_genes=args.genes, n_types=10, n_batches=4, seed=0)
-    model = atlasdgd.DGD(data, label_key="cell_type", covariate_keys=["batch"], split_fractions=(1.0, 0.0, 0.0))
-    rows = model.data.split_rows("train")
-    table = RepresentationTable(torch.zeros(len(rows), model.model_config.representation_dim))
-    trainer = Trainer(model.module, TrainConfig(batch_size=args.batch_size, compile=args.compile), table)
-    loader = model.data.loader(rows, args.batch_size, seed=0, count_summaries=True)
+    _, trainer, loader = simulated_training(args.cells, args.genes, args.batch_size, args.compile)
     it = iter(loader)
     batches = [next(it) for _ in range(args.steps + 10)]
     for b in batches[:10]:  # warm-up (and the one compile with --compile)
