@@ -3,6 +3,7 @@
 import copy
 import logging
 
+import mudata
 import torch
 
 import atlasdgd
@@ -11,14 +12,14 @@ from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.trainer import Trainer
 
 
-def _setup(compile_step: bool, module=None):
+def _setup(compile_step: bool, module=None, count_summaries: bool = True):
     data = atlasdgd.simulate(n_cells=330, n_genes=60, n_types=3, n_batches=2, seed=0)
     model = atlasdgd.DGD(data, label_key="cell_type", covariate_keys=["batch"], split_fractions=(1.0, 0.0, 0.0), seed=0)
     rows = model.data.split_rows("train")
     module = module if module is not None else model.module
     start = torch.randn(len(rows), model.model_config.representation_dim, generator=torch.Generator().manual_seed(1))
     trainer = Trainer(module, TrainConfig(batch_size=64, compile=compile_step), RepresentationTable(start))
-    return trainer, model.data.loader(rows, 64, seed=0)
+    return trainer, model.data.loader(rows, 64, seed=0, count_summaries=count_summaries)
 
 
 def test_compiled_training_steps_equal_eager_ones_on_short_batches():
@@ -31,7 +32,7 @@ def test_compiled_training_steps_equal_eager_ones_on_short_batches():
         b, _ = compiled.train_step(batch)
         torch.testing.assert_close(b.per_cell(), a.per_cell(), rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(b.total(), a.total(), rtol=1e-5, atol=1e-2)
-    assert compiled._smooth is not None  # it compiled, and did not fall back
+    assert compiled._compiled is not None  # it compiled, and did not fall back
     for (name, p), q in zip(eager.module.named_parameters(), compiled.module.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
     torch.testing.assert_close(compiled.train_table.values, eager.train_table.values, rtol=1e-3, atol=1e-4)
@@ -54,7 +55,7 @@ def test_a_step_that_cannot_compile_warns_once_and_trains_eagerly(monkeypatch, c
             torch.testing.assert_close(b.per_cell(), a.per_cell())
     failed = [r for r in caplog.records if "torch.compile of the step failed" in r.getMessage()]
     assert len(failed) == 1 and "cc not found" in failed[0].getMessage()
-    assert compiled._smooth is None
+    assert compiled._compiled is None
 
 
 def test_a_batch_without_covariates_trains_compiled():
@@ -66,10 +67,92 @@ def test_a_batch_without_covariates_trains_compiled():
     start = torch.zeros(len(rows), model.model_config.representation_dim)
     eager = Trainer(model.module, TrainConfig(batch_size=64), RepresentationTable(start))
     compiled = Trainer(copy.deepcopy(model.module), TrainConfig(batch_size=64, compile=True), RepresentationTable(start))
-    batch = next(iter(model.data.loader(rows, 64, seed=0)))
+    batch = next(iter(model.data.loader(rows, 64, seed=0, count_summaries=True)))
     batch.covariates = None
     assert len(batch) < 64
     a, _ = eager.train_step(batch)
     b, _ = compiled.train_step(batch)
-    assert compiled._smooth is not None
+    assert compiled._compiled is not None
     torch.testing.assert_close(b.per_cell(), a.per_cell(), rtol=1e-4, atol=1e-3)
+
+
+def _close_modules(a, b, rtol=1e-5, atol=1e-6):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=rtol, atol=atol, msg=name)
+
+
+def test_compiled_steps_of_two_modalities_with_missing_cells_equal_eager_ones():
+    # MuData with 40 cells lacking ATAC: their ATAC terms weigh 0 in the compiled graph as in the
+    # eager loss; RNA counts above the histogram's width go through the eager large-count terms
+    data = atlasdgd.simulate(n_cells=300, n_genes=50, n_peaks=300, n_types=3, n_batches=2, seed=3)
+    md = mudata.MuData({"rna": data["rna"].copy(), "atac": data["atac"][40:].copy()})
+    md.obs["cell_type"] = data.obs["cell_type"].to_numpy()
+    md.obs["batch"] = data.obs["batch"].to_numpy()
+    model = atlasdgd.DGD(md, label_key="cell_type", covariate_keys=["batch"], split_fractions=(1.0, 0.0, 0.0), seed=0)
+    rows = model.data.split_rows("train")
+    start = torch.randn(len(rows), model.model_config.representation_dim, generator=torch.Generator().manual_seed(2))
+    eager = Trainer(model.module, TrainConfig(batch_size=64), RepresentationTable(start))
+    compiled = Trainer(copy.deepcopy(model.module), TrainConfig(batch_size=64, compile=True), RepresentationTable(start))
+    batches = list(model.data.loader(rows, 64, seed=1, count_summaries=True))
+    assert any(b.observed is not None and not b.observed["atac"].all() for b in batches)
+    assert any(b.count_summaries["rna"].large_values.numel() > 0 for b in batches)
+    for batch in batches:
+        a, _ = eager.train_step(batch)
+        b, _ = compiled.train_step(batch)
+        torch.testing.assert_close(b.per_cell(), a.per_cell(), rtol=1e-4, atol=1e-3)
+        for m in ("rna", "atac"):
+            torch.testing.assert_close(b.reconstruction_batch[m], a.reconstruction_batch[m], rtol=1e-5, atol=1e-2)
+    assert compiled._compiled is not None
+    _close_modules(eager.module, compiled.module, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(compiled.train_table.values, eager.train_table.values, rtol=1e-3, atol=1e-4)
+    # the optimisers' own state moved with the graph: an eager step from it is the same step
+    for opt_a, opt_b in zip(eager.optimizers, compiled.optimizers):
+        for p_a, p_b in zip(opt_a.param_groups[0]["params"], opt_b.param_groups[0]["params"]):
+            assert float(opt_b.state[p_b]["step"]) == float(opt_a.state[p_a]["step"]) == len(batches)
+            torch.testing.assert_close(opt_b.state[p_b]["exp_avg_sq"], opt_a.state[p_a]["exp_avg_sq"],
+                                       rtol=1e-3, atol=1e-8)
+
+
+def test_a_batch_without_count_summaries_steps_as_one_with_them():
+    trainer, loader = _setup(True, count_summaries=False)
+    other, summarised = _setup(True, copy.deepcopy(trainer.module))
+    plain, with_summaries = next(iter(loader)), next(iter(summarised))
+    assert plain.count_summaries is None
+    a, obj_a = trainer.train_step(plain)
+    b, obj_b = other.train_step(with_summaries)
+    torch.testing.assert_close(obj_a, obj_b)
+    _close_modules(trainer.module, other.module, rtol=0, atol=0)
+
+
+def test_the_split_graphs_of_several_workers_equal_the_whole_step():
+    # two workers holding the same batch: their summed gradients at 1 / (2n) each equal one
+    # process's at 1 / n, so gradients, then the sum, then the update equal the one-graph step
+    whole, loader = _setup(True)
+    split, _ = _setup(True, copy.deepcopy(whole.module))
+    for batch in list(loader)[:2]:
+        n = len(batch)
+        whole._compiled(batch, 1.0 / n, 1)
+
+        def two_workers(params):
+            for p in params:
+                p.grad.mul_(2)
+
+        split._compiled(batch, 1.0 / (2 * n), 2, two_workers)
+    _close_modules(whole.module, split.module)
+    torch.testing.assert_close(split.train_table.values, whole.train_table.values)
+
+
+def test_a_learning_rate_changed_between_steps_reaches_the_compiled_step():
+    # the compiled step skips torch.compile's guards while its inputs stay alike; a new learning rate
+    # must still recompile rather than run the graph that has the old one built in
+    eager, loader = _setup(False)
+    compiled, _ = _setup(True, copy.deepcopy(eager.module))
+    batches = list(loader)[:3]
+    for i, batch in enumerate(batches):
+        if i == 2:
+            for trainer in (eager, compiled):
+                trainer.optimizers[0].param_groups[0]["lr"] = 0.05
+        eager.train_step(batch)
+        compiled.train_step(batch)
+        _close_modules(eager.module, compiled.module, rtol=1e-3, atol=1e-4)
+    assert compiled._compiled is not None

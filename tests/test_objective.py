@@ -4,7 +4,9 @@ import torch
 
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import Batch, DGDModule
-from atlasdgd.model.nb import nb_log_prob
+from atlasdgd.data.count_summary import summarize_counts
+from atlasdgd.model.nb import large_count_terms, nb_log_prob
+from atlasdgd.train.compiled_step import _StepObjective
 
 
 def _module_and_batch(dtype=torch.float64):
@@ -84,33 +86,39 @@ def test_decoder_heads_are_softmax_over_each_modality():
     assert module.decoder.heads["rna"][-1].in_features == 100
 
 
-def test_smooth_terms_with_the_count_terms_equal_the_losses_in_values_and_gradients():
-    # the compiled step's plain-operator form (DGDModule.smooth_terms + losses_from_smooth) against the
-    # hand-written likelihood (losses + hyperprior_log_prob): same per-cell terms, same gradients for
-    # the representations and every parameter; with an unobserved modality and an unknown covariate
+def test_the_compiled_steps_objective_equals_the_losses_in_values_and_gradients():
+    # the objective the compiled training step traces (atlasdgd.train.compiled_step: DGDModule.smooth_terms,
+    # count terms from histograms, the counts above the histogram width passed in as a value and a
+    # gradient) run eagerly, against the hand-written likelihood (losses + hyperprior_log_prob): same
+    # objective, loss and gradients; with an unobserved modality and an unknown covariate
     module, batch, z = _module_and_batch()
-    batch.observed = {"atac": torch.tensor([True, False, True, True, False])}
+    observed = torch.tensor([True, False, True, True, False])
+    batch.observed = {"atac": observed}
     batch.covariates[2, 1] = -1
+    summaries = {}
+    for m, x in batch.counts.items():
+        rows, cols = torch.nonzero(x, as_tuple=True)
+        keep = observed[rows] if m == "atac" else torch.ones(len(rows), dtype=torch.bool)
+        summaries[m] = summarize_counts(cols[keep].numpy(), x[rows, cols][keep].numpy(), x.shape[1], width=2)
+    assert all(s.large_values.numel() > 0 for s in summaries.values())
+    batch.count_summaries = summaries
 
-    def run(smooth: bool):
+    def run(compiled_form: bool):
         module.zero_grad()
         zz = z.clone().requires_grad_(True)
-        if smooth:
-            log_library = {m: torch.log(batch.library[m].clamp_min(1e-12)) for m in batch.counts}
-            dense, basal_nll, cov_terms, hyper = module.smooth_terms(zz, batch.counts, log_library, batch.covariates)
-            terms = module.losses_from_smooth(batch, dense, basal_nll, cov_terms)
+        if compiled_form:
+            large = {m: large_count_terms(s, module.dispersion(m)) for m, s in summaries.items()}
+            weight = torch.ones(5, dtype=z.dtype)
+            loss, (objective, *_) = _StepObjective(module, 0.3, 0.0)(
+                zz, batch.counts, batch.library, batch.covariates, weight,
+                {"rna": weight, "atac": observed.to(z.dtype)}, {m: s.histogram for m, s in summaries.items()},
+                {m: v for m, (v, _) in large.items()}, {m: g for m, (_, g) in large.items()},
+                torch.tensor(0.2, dtype=z.dtype), 2)
         else:
-            terms, hyper = module.losses(batch, zz), module.hyperprior_log_prob()
-        per_cell = terms.per_cell()
-        (per_cell.sum() - 0.3 * hyper).backward()
-        grads = [zz.grad.clone()] + [p.grad.clone() for p in module.parameters()]
-        parts = {**terms.reconstruction, **terms.covariate_prior, "basal": terms.basal_prior}
-        return per_cell.detach(), {k: t.detach() for k, t in parts.items()}, hyper.detach(), grads
+            objective = module.losses(batch, zz, batch_sums=True).total()
+            loss = objective * 0.2 - 0.3 * module.hyperprior_log_prob() / 2
+        loss.backward()
+        return [loss.detach(), objective.detach(), zz.grad.clone()] + [p.grad.clone() for p in module.parameters()]
 
-    eager, smooth = run(False), run(True)
-    torch.testing.assert_close(smooth[0], eager[0])
-    for m in eager[1]:
-        torch.testing.assert_close(smooth[1][m], eager[1][m])
-    torch.testing.assert_close(smooth[2], eager[2])
-    for a, b in zip(smooth[3], eager[3]):
+    for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b)

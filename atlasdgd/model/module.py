@@ -16,7 +16,7 @@ from torch import nn
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.decoder import Decoder
 from atlasdgd.model.gmm import GaussianMixture
-from atlasdgd.model.nb import CountSummary, count_term_sums, count_terms_total, dense_terms, nb_log_prob_rows, nonzero_entries
+from atlasdgd.model.nb import CountSummary, count_terms_total, dense_terms, nb_log_prob_rows
 
 
 @dataclass
@@ -216,9 +216,9 @@ class DGDModule(nn.Module):
         """The shape-static part of a training step's loss in plain, branch-free torch operations, for
         ``torch.compile`` to fuse forward and backward (see :class:`~atlasdgd.train.trainer.Trainer`):
         per modality the negated NB terms that do not vanish at x = 0, ``-(x t - (x + r) softplus(t))``
-        summed per cell (t = log(mu / r); the count terms are added by the caller), ``-log p(basal z)``,
-        the covariate terms and ``log p(phi)``. Eagerly, :meth:`losses` computes the same with the
-        hand-written likelihood (tested equal)."""
+        summed per cell (t = log(mu / r); the count terms are added by the caller,
+        :mod:`atlasdgd.train.compiled_step`), ``-log p(basal z)``, the covariate terms and ``log p(phi)``.
+        Eagerly, :meth:`losses` computes the same with the hand-written likelihood (tested equal)."""
         log_y = self.log_fractions(z, list(counts))
         dense = {}
         for m, x in counts.items():
@@ -229,22 +229,6 @@ class DGDModule(nn.Module):
         basal, _ = self.split_representation(z)
         return (dense, -self.basal.log_prob(basal), self.covariate_terms(z, covariates, branch_free=True),
                 self.hyperprior_log_prob())
-
-    def losses_from_smooth(self, batch: Batch, dense: dict[str, torch.Tensor], basal_nll: torch.Tensor,
-                           cov_terms: dict[str, torch.Tensor]) -> LossTerms:
-        """:meth:`losses` with ``batch_sums`` from :meth:`smooth_terms`' results: the count terms and the
-        observed masks added eagerly (their shapes vary by batch)."""
-        recon, summed = {}, {}
-        for m, x in batch.counts.items():
-            nll, r, summary = dense[m], self.dispersion(m), self._count_summary(batch, m)
-            if summary is not None:
-                summed[m] = -count_terms_total(summary, r)
-            else:
-                given = batch.nonzeros is not None and m in batch.nonzeros
-                rows, cols, values = batch.nonzeros[m] if given else nonzero_entries(x)
-                nll = nll - count_term_sums(values, rows, cols, r, len(batch))
-            recon[m] = self._masked(batch, m, nll)
-        return LossTerms(recon, basal_nll, cov_terms, summed)
 
     @staticmethod
     def _covariate_log_prob(gmm: GaussianMixture, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

@@ -109,15 +109,39 @@ class CountSummary:
 def count_terms_total(summary: CountSummary, r: torch.Tensor) -> torch.Tensor:
     """The sum over the summarised entries of ``lgamma(x + r_j) - lgamma(r_j) - lgamma(x + 1)`` (a scalar,
     differentiable in ``r``; autograd's backward is a few ``[F, C]`` passes and a digamma per large count)."""
-    c = summary.width
-    k = torch.arange(c, dtype=r.dtype, device=r.device)
-    table = torch.cumsum(torch.log(r[:, None] + k) - torch.log1p(k), 1)  # column v: count v + 1
-    capped = (summary.histogram.to(r.dtype) * table).sum()
+    capped = histogram_terms_total(summary.histogram, r)
     if summary.large_values.numel() == 0:
         return capped
+    return capped + _large_count_terms(summary, r).sum()
+
+
+def histogram_terms_total(histogram: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The part of :func:`count_terms_total` read from the histogram (counts above its width C count as C)."""
+    c = histogram.shape[1]
+    k = torch.arange(c, dtype=r.dtype, device=r.device)
+    table = torch.cumsum(torch.log(r[:, None] + k) - torch.log1p(k), 1)  # column v: count v + 1
+    return (histogram.to(r.dtype) * table).sum()
+
+
+def large_count_terms(summary: CountSummary, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of :func:`count_terms_total` (counts above the histogram's width) as its value and its
+    gradient in ``r`` (``[F]``), without autograd: their number varies by batch, so the compiled
+    training step takes them as numbers rather than as operations of its one-shape graph."""
+    r = r.detach()
+    grad = torch.zeros_like(r)
+    if summary.large_values.numel() == 0:
+        return r.new_zeros(()), grad
+    c, cols = summary.width, summary.large_cols
+    x, rl = summary.large_values.to(r.dtype), r.index_select(0, cols)
+    grad.index_add_(0, cols, torch.digamma(x + rl) - torch.digamma(rl + c))
+    return _large_count_terms(summary, r).sum(), grad
+
+
+def _large_count_terms(summary: CountSummary, r: torch.Tensor) -> torch.Tensor:
+    """Per entry above the width C: ``lgamma(x + r) - lgamma(r + C) - lgamma(x + 1) + lgamma(C + 1)``."""
+    c = summary.width
     x, rl = summary.large_values.to(r.dtype), r.index_select(0, summary.large_cols)
-    rest = torch.lgamma(x + rl) - torch.lgamma(rl + c) - torch.lgamma(x + 1.0) + math.lgamma(c + 1.0)
-    return capped + rest.sum()
+    return torch.lgamma(x + rl) - torch.lgamma(rl + c) - torch.lgamma(x + 1.0) + math.lgamma(c + 1.0)
 
 
 class _CountTermSums(torch.autograd.Function):

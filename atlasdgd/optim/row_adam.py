@@ -12,6 +12,21 @@ from __future__ import annotations
 import torch
 
 
+def adam_rows(values: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, steps: torch.Tensor,
+              grad: torch.Tensor, lr: float, betas: tuple[float, float], eps: float):
+    """One Adam step of some rows, given their values, moments and step counts: the new four.
+
+    ``torch.optim.Adam``'s arithmetic (no weight decay) with a step count per row; pure, so the eager
+    table and the compiled training step (:mod:`atlasdgd.train.compiled_step`) share it."""
+    beta1, beta2 = betas
+    t = steps + 1
+    m = exp_avg * beta1 + grad * (1 - beta1)
+    v = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
+    tf = t.to(values.dtype)[:, None]
+    denom = v.sqrt() / (1 - beta2**tf).sqrt() + eps
+    return values - (lr / (1 - beta1**tf)) * m / denom, m, v, t
+
+
 class RepresentationTable:
     """An ``N x D`` table of trainable per-cell vectors and their Adam state."""
 
@@ -49,22 +64,11 @@ class RepresentationTable:
 
     @torch.no_grad()
     def step(self, index: torch.Tensor, grad: torch.Tensor) -> None:
-        """One Adam step on rows ``index`` (unique) with gradient ``grad`` ``[len(index), D]``.
-
-        Mirrors ``torch.optim.Adam`` (no weight decay) arithmetic, with the step count per row.
-        """
-        beta1, beta2 = self.betas
-        t = self.steps[index] + 1
-        self.steps[index] = t
-        m = self.exp_avg[index].mul_(beta1).add_(grad, alpha=1 - beta1)
-        v = self.exp_avg_sq[index].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        tf = t.to(self.values.dtype)[:, None]
-        bias1 = 1 - beta1**tf
-        bias2 = 1 - beta2**tf
-        denom = (v.sqrt() / bias2.sqrt()).add_(self.eps)
-        self.values[index] -= (self.lr / bias1) * m / denom
-        self.exp_avg[index] = m
-        self.exp_avg_sq[index] = v
+        """One Adam step on rows ``index`` (unique) with gradient ``grad`` ``[len(index), D]``."""
+        new = adam_rows(self.values[index], self.exp_avg[index], self.exp_avg_sq[index], self.steps[index], grad,
+                        self.lr, self.betas, self.eps)
+        for table, rows in zip((self.values, self.exp_avg, self.exp_avg_sq, self.steps), new):
+            table[index] = rows
 
     def release_optimizer_state(self) -> None:
         """Drop the Adam moments and step counts (two thirds of the table's memory) once no step

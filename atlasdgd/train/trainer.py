@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from atlasdgd.infer.fit import EpochStats, representation_step
 from atlasdgd.model.module import Batch, DGDModule
 from atlasdgd.runtime.sync import all_reduce_sum, allreduce_gradients, world_size
 from atlasdgd.optim.row_adam import RepresentationTable
+from atlasdgd.train.compiled_step import CompiledStep
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.early_stopping import EarlyStopping, Snapshot
 
@@ -32,16 +32,6 @@ def fused_optimizer_options(module: torch.nn.Module) -> dict:
     ok = params and all(p.dtype in (torch.float32, torch.float64) and p.device.type in ("cpu", "cuda")
                         for p in params)
     return {"fused": True} if ok and len({p.device for p in params}) == 1 else {}
-
-
-def _padded(inputs, rows: int):
-    """Every tensor of ``inputs`` (nested one level in dicts) with ``rows`` rows of zeros appended; ``None``
-    (a batch without covariates) stays ``None``."""
-    def pad(t):
-        if t is None:
-            return None
-        return F.pad(t, (0, 0, 0, rows) if t.ndim == 2 else (0, rows))
-    return tuple({k: pad(v) for k, v in x.items()} if isinstance(x, dict) else pad(x) for x in inputs)
 
 
 class Trainer:
@@ -74,12 +64,14 @@ class Trainer:
                                                     betas=betas, **fused))
         self.n_features = dict(module.config.modalities)
         self.dense_params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
-        # the shape-static part of the step, compiled for batches of batch_size cells (config.compile; shorter
-        # ones are padded, see _terms); None: eager
-        self._smooth = None
+        # the whole step compiled for batches of batch_size cells (config.compile; shorter ones are
+        # padded, see atlasdgd.train.compiled_step); None: eager
+        self._compiled: CompiledStep | None = None
+        self._compiled_ran = False
         if config.compile:
-            log.info("training: compiling the step's dense part with torch.compile (once, ~25 s on 2 CPU cores)")
-            self._smooth = torch.compile(module.smooth_terms, dynamic=False)
+            log.info("training: compiling the training step with torch.compile (once, ~30 s on 2 CPU cores)")
+            self._compiled = CompiledStep(module, self.optimizers, train_table, config.batch_size,
+                                          self.hyperprior_weight, config.l1)
 
     @property
     def hyperprior_weight(self) -> float:
@@ -87,14 +79,27 @@ class Trainer:
         return 1.0 / self.n_train_total if self.config.hyperprior == "dataset" else 1.0
 
     def train_step(self, batch: Batch):
-        z = self.train_table.gather(batch.index)
-        terms, hyperprior = self._terms(batch, z)
-        objective = terms.total()
         # N workers optimise the objective of one process on the union of their batches: divide by
         # the global batch size; terms counted once per step are split over the workers
         workers = world_size()
         global_batch = all_reduce_sum([len(batch)])[0] if workers > 1 else len(batch)
-        loss = objective / global_batch - self.hyperprior_weight * hyperprior / workers
+        if self._compiled is not None and self._compiled.accepts(batch):
+            try:
+                terms, objective = self._compiled(batch, 1.0 / global_batch, workers, self.sync_gradients)
+            except Exception as e:  # no C++ compiler, a backend or operator it cannot compile: go on eagerly
+                if self._compiled_ran:
+                    raise
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                log.warning("training: torch.compile of the step failed (%s); training goes on without it", reason)
+                self._compiled = None
+            else:
+                self._compiled_ran = True
+                self._more_representation_steps(batch)
+                return terms, objective
+        z = self.train_table.gather(batch.index)
+        terms = self.module.losses(batch, z, batch_sums=True)
+        objective = terms.total()
+        loss = objective / global_batch - self.hyperprior_weight * self.module.hyperprior_log_prob() / workers
         if self.config.l1 > 0:
             l1 = sum(p.abs().sum() for n, p in self.module.decoder.named_parameters() if "weight" in n)
             loss = loss + self.config.l1 * l1 / workers
@@ -109,34 +114,13 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
         self.train_table.step(batch.index, z.grad)
+        self._more_representation_steps(batch)
+        return terms, objective.detach()
+
+    def _more_representation_steps(self, batch: Batch) -> None:
         if self.config.representation_steps > 1:
             representation_step(self.module, batch, self.train_table, self.config.representation_steps - 1,
                                 batch_mean=True)
-        return terms, objective.detach()
-
-    def _terms(self, batch: Batch, z: torch.Tensor):
-        """The batch's loss terms and log p(phi): the dense part compiled (for one shape: a batch of
-        ``batch_size`` cells of every feature), eagerly where compiling fails. A batch of fewer cells
-        (the plan spreads an epoch's cells evenly, so most batches are one or two short) is padded
-        with empty rows whose terms are dropped: each new shape would compile again (~25 s)."""
-        n, size = len(batch), self.config.batch_size
-        if self._smooth is not None and 0 < n <= size and batch.features is None:
-            log_library = {m: torch.log(batch.library[m].clamp_min(1e-12)) for m in batch.counts}
-            inputs = (z, batch.counts, log_library, batch.covariates)
-            if n < size:
-                inputs = _padded(inputs, size - n)
-            try:
-                dense, basal_nll, cov_terms, hyperprior = self._smooth(*inputs)
-            except Exception as e:  # no C++ compiler, a backend or operator it cannot compile: go on eagerly
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                log.warning("training: torch.compile of the step failed (%s); training goes on without it", reason)
-                self._smooth = None
-            else:
-                if n < size:
-                    dense, basal_nll, cov_terms = ({m: d[:n] for m, d in dense.items()}, basal_nll[:n],
-                                                   {k: c[:n] for k, c in cov_terms.items()})
-                return self.module.losses_from_smooth(batch, dense, basal_nll, cov_terms), hyperprior
-        return self.module.losses(batch, z, batch_sums=True), self.module.hyperprior_log_prob()
 
     def train_epoch(self, loader: Iterable[Batch]) -> dict[str, float]:
         self.module.train()
