@@ -102,8 +102,9 @@ def _add_train(sub) -> None:
     p.add_argument("--gmm-init", choices=["auto", "labels", "kmeans", "leiden"], default=None,
                    help="mixture start (auto: label classes when --label-key is given, else Leiden)")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the training step's dense part: ~1.2x per CPU step, ~25 s to compile "
-                        "(pays on long runs; needs a C++ compiler on CPUs)")
+                   help="torch.compile the training step (forward, backward, row update): ~2x per CPU step "
+                        "of a few thousand genes, ~20-30 s to compile (pays on long runs over large atlases; "
+                        "needs a C++ compiler on CPUs)")
     p.add_argument("--mixture-step", choices=["adam", "em"], default=None,
                    help="basal mixture update: adam every minibatch, or em once per epoch (see README)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",

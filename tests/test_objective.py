@@ -5,7 +5,7 @@ import torch
 from atlasdgd.model.config import ModelConfig
 from atlasdgd.model.module import Batch, DGDModule
 from atlasdgd.data.count_summary import summarize_counts
-from atlasdgd.model.nb import large_count_terms, nb_log_prob
+from atlasdgd.model.nb import nb_log_prob
 from atlasdgd.train.compiled_step import _StepObjective
 
 
@@ -88,8 +88,8 @@ def test_decoder_heads_are_softmax_over_each_modality():
 
 def test_the_compiled_steps_objective_equals_the_losses_in_values_and_gradients():
     # the objective the compiled training step traces (atlasdgd.train.compiled_step: DGDModule.smooth_terms,
-    # count terms from histograms, the counts above the histogram width passed in as a value and a
-    # gradient) run eagerly, against the hand-written likelihood (losses + hyperprior_log_prob): same
+    # count terms from histograms, the counts above the histogram width padded with entries at the
+    # width) run eagerly, against the hand-written likelihood (losses + hyperprior_log_prob): same
     # objective, loss and gradients; with an unobserved modality and an unknown covariate
     module, batch, z = _module_and_batch()
     observed = torch.tensor([True, False, True, True, False])
@@ -107,12 +107,13 @@ def test_the_compiled_steps_objective_equals_the_losses_in_values_and_gradients(
         module.zero_grad()
         zz = z.clone().requires_grad_(True)
         if compiled_form:
-            large = {m: large_count_terms(s, module.dispersion(m)) for m, s in summaries.items()}
+            padded = {m: (torch.cat([s.large_cols, torch.tensor([0, 3])]), torch.cat([s.large_values, torch.full((2,), 2.0)]))
+                      for m, s in summaries.items()}
             weight = torch.ones(5, dtype=z.dtype)
             loss, (objective, *_) = _StepObjective(module, 0.3, 0.0)(
                 zz, batch.counts, batch.library, batch.covariates, weight,
                 {"rna": weight, "atac": observed.to(z.dtype)}, {m: s.histogram for m, s in summaries.items()},
-                {m: v for m, (v, _) in large.items()}, {m: g for m, (_, g) in large.items()},
+                {m: c for m, (c, _) in padded.items()}, {m: v for m, (_, v) in padded.items()},
                 torch.tensor(0.2, dtype=z.dtype), 2)
         else:
             objective = module.losses(batch, zz, batch_sums=True).total()

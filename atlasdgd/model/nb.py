@@ -112,7 +112,7 @@ def count_terms_total(summary: CountSummary, r: torch.Tensor) -> torch.Tensor:
     capped = histogram_terms_total(summary.histogram, r)
     if summary.large_values.numel() == 0:
         return capped
-    return capped + _large_count_terms(summary, r).sum()
+    return capped + large_count_terms(summary.large_cols, summary.large_values, r, summary.width).sum()
 
 
 def histogram_terms_total(histogram: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -123,25 +123,12 @@ def histogram_terms_total(histogram: torch.Tensor, r: torch.Tensor) -> torch.Ten
     return (histogram.to(r.dtype) * table).sum()
 
 
-def large_count_terms(summary: CountSummary, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rest of :func:`count_terms_total` (counts above the histogram's width) as its value and its
-    gradient in ``r`` (``[F]``), without autograd: their number varies by batch, so the compiled
-    training step takes them as numbers rather than as operations of its one-shape graph."""
-    r = r.detach()
-    grad = torch.zeros_like(r)
-    if summary.large_values.numel() == 0:
-        return r.new_zeros(()), grad
-    c, cols = summary.width, summary.large_cols
-    x, rl = summary.large_values.to(r.dtype), r.index_select(0, cols)
-    grad.index_add_(0, cols, torch.digamma(x + rl) - torch.digamma(rl + c))
-    return _large_count_terms(summary, r).sum(), grad
-
-
-def _large_count_terms(summary: CountSummary, r: torch.Tensor) -> torch.Tensor:
-    """Per entry above the width C: ``lgamma(x + r) - lgamma(r + C) - lgamma(x + 1) + lgamma(C + 1)``."""
-    c = summary.width
-    x, rl = summary.large_values.to(r.dtype), r.index_select(0, summary.large_cols)
-    return torch.lgamma(x + rl) - torch.lgamma(rl + c) - torch.lgamma(x + 1.0) + math.lgamma(c + 1.0)
+def large_count_terms(cols: torch.Tensor, values: torch.Tensor, r: torch.Tensor, width: int) -> torch.Tensor:
+    """The rest of :func:`count_terms_total` for counts above the histogram's width C, per entry:
+    ``lgamma(x + r) - lgamma(r + C) - lgamma(x + 1) + lgamma(C + 1)`` (zero at x = C, so a fixed-size
+    buffer can be padded with such entries: the compiled step does)."""
+    x, rl = values.to(r.dtype), r.index_select(0, cols)
+    return torch.lgamma(x + rl) - torch.lgamma(rl + width) - torch.lgamma(x + 1.0) + math.lgamma(width + 1.0)
 
 
 class _CountTermSums(torch.autograd.Function):

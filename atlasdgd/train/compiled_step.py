@@ -1,23 +1,26 @@
-"""A training step compiled whole (``TrainConfig.compile``): forward, backward, the dense parameters'
-Adam(W) and the representation rows' Adam as one graph.
+"""A training step compiled (``TrainConfig.compile``): forward, backward and the representation
+rows' Adam as one graph, then the dense parameters' fused Adam(W).
 
-Why whole: a CPU step of 128 cells x 2,000 genes ran ~440 torch operators. With only the loss
-compiled, autograd's bookkeeping, three optimisers' Python and the row update still cost more than
-the matrix products (5.7 ms a step against 1.3 ms, ``benchmarks/step_profile.py``). Here
-``torch.func.grad_and_value`` puts the backward into the traced graph, and the updates follow in it:
-torch's own functional Adam (``torch.optim.adam.adam``: the arithmetic of the optimisers the trainer
-holds, on their state tensors, so checkpoints and the eager step see one state) and
-:func:`~atlasdgd.optim.row_adam.adam_rows`.
+Why: a CPU step of 128 cells x 2,000 genes ran ~440 torch operators. With only the loss compiled,
+autograd's bookkeeping, three optimisers' Python and the row update still cost more than the matrix
+products (5.7 ms a step against 1.3 ms, ``benchmarks/step_profile.py``). Here
+``torch.func.grad_and_value`` puts the backward into the traced graph and
+:func:`~atlasdgd.optim.row_adam.adam_rows` follows in it. The dense parameters step with torch's own
+functional Adam (``torch.optim.adam.adam``, the optimisers' arithmetic on their state tensors, so
+checkpoints and the eager step see one state), outside the graph, after the gradients are summed
+over workers where there are several.
 
 One shape is compiled: batches of ``batch_size`` cells. Shorter ones (the plan spreads an epoch's
 cells evenly, so most are a cell or two short) are padded with rows whose terms weigh 0 and whose
 row update repeats the first row's, so the table's scatter writes equal values twice. The counts
-above a batch's histogram width vary in number, so their terms (value and gradient in the
-dispersions) are computed before the graph and enter it as numbers. With several workers the
-graph stops at the gradients, which are summed over the workers, and a second graph updates.
+above a batch's histogram width vary in number (~1,400 of 95k non-zeros in a batch of the simulated
+2,000-gene atlas): they are padded to a capacity with entries at the width, whose terms are zero; a
+batch with more compiles once more for twice the capacity.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -29,6 +32,8 @@ from atlasdgd.model.module import Batch, DGDModule, LossTerms
 from atlasdgd.model.nb import CountSummary, histogram_terms_total, large_count_terms, nonzero_entries
 from atlasdgd.optim.row_adam import RepresentationTable, adam_rows
 
+log = logging.getLogger(__name__)
+
 
 class _StepObjective(nn.Module):
     """The training objective of a padded batch as a module, so ``functional_call`` can take its
@@ -38,8 +43,8 @@ class _StepObjective(nn.Module):
         super().__init__()
         self.module, self.hyperprior_weight, self.l1 = module, hyperprior_weight, l1
 
-    def forward(self, z, counts, library, covariates, cell_weight, modality_weight, histograms, large_values,
-                large_grads, inv_batch, workers: int):
+    def forward(self, z, counts, library, covariates, cell_weight, modality_weight, histograms, large_cols,
+                large_values, inv_batch, workers: int):
         m = self.module
         log_library = {k: torch.log(v.clamp_min(1e-12)) for k, v in library.items()}
         dense, basal_nll, cov_terms, hyperprior = m.smooth_terms(z, counts, log_library, covariates)
@@ -48,10 +53,9 @@ class _StepObjective(nn.Module):
         cov_terms = {k: c * cell_weight for k, c in cov_terms.items()}
         batch_parts = {}
         for k, histogram in histograms.items():
-            r, g = m.dispersion(k), large_grads[k]
-            # the large counts' value, and their gradient in r by r.g - stop(r).g (zero in value)
-            batch_parts[k] = -(histogram_terms_total(histogram, r) + large_values[k] + (r * g).sum()
-                               - (r.detach() * g).sum())
+            r = m.dispersion(k)
+            large = large_count_terms(large_cols[k], large_values[k], r, histogram.shape[1])
+            batch_parts[k] = -(histogram_terms_total(histogram, r) + large.sum())
         objective = basal_nll.sum()
         for part in (*recon.values(), *cov_terms.values(), *batch_parts.values()):
             objective = objective + part.sum()
@@ -77,9 +81,8 @@ class CompiledStep:
             _initial_state(opt, group)
         self.modalities = list(module.config.modalities)
         self._last_signature = None
-        self._whole = torch.compile(self._step, dynamic=False)
+        self.large_capacity = {m: 0 for m in self.modalities}  # padded length of each modality's large counts
         self._gradients = torch.compile(self._forward_backward, dynamic=False)
-        self._update = torch.compile(self._dense_update, dynamic=False)
 
     def accepts(self, batch: Batch) -> bool:
         """Whether this batch has the compiled shape (else the trainer steps it eagerly)."""
@@ -93,31 +96,25 @@ class CompiledStep:
         inputs = self._inputs(batch, inv_batch, workers)
         table = (self.table.values, self.table.exp_avg, self.table.exp_avg_sq, self.table.steps)
         states = self._states()
-        # torch.compile checks ~100 tensor guards per call (0.2 ms of a 3.3 ms CPU step, measured); the
-        # inputs' shapes are fixed here, so the guards run only when something else they cover changed
-        signature = self._signature(batch, workers)
+        # torch.compile checks its guards on every input tensor per call (0.2 ms of a 3.3 ms CPU step,
+        # measured); they run only when something they cover may have changed
+        signature = self._signature(batch, workers, inputs)
         skip_guards, self._last_signature = signature == self._last_signature, signature
         # the graph differentiates itself (torch.func): no autograd tape around it
         with torch.no_grad(), torch.compiler.set_stance(skip_guard_eval_unsafe=skip_guards):
-            if workers == 1:
-                out = self._whole(self.params, states, table, *inputs)
-            else:
-                grads, out = self._gradients(self.params, table, *inputs)
-                for p, g in zip(self.params, grads):
-                    p.grad = g
-                sync(self.params)
-                self._update(self.params, [p.grad for p in self.params], states)
+            grads, out = self._gradients(self.params, table, *inputs)
+        if workers > 1:
+            for p, g in zip(self.params, grads):
+                p.grad = g
+            sync(self.params)
+            grads = [p.grad for p in self.params]
+        self._dense_update(grads, states)
         objective, recon, basal_nll, cov_terms, batch_parts = out
         terms = LossTerms({k: v[:n] for k, v in recon.items()}, basal_nll[:n],
                           {k: v[:n] for k, v in cov_terms.items()}, batch_parts)
         return terms, objective
 
     # -- the graph ---------------------------------------------------------------------------
-    def _step(self, params, states, table, *inputs):
-        grads, out = self._forward_backward(params, table, *inputs)
-        self._dense_update(params, grads, states)
-        return out
-
     def _forward_backward(self, params, table, index, source, *inputs):
         values, exp_avg, exp_avg_sq, steps = table
         z = values[index]
@@ -132,29 +129,35 @@ class CompiledStep:
     def _objective(self, params, z, *inputs):
         return functional_call(self.objective, dict(zip(self.names, params)), (z, *inputs))
 
-    def _dense_update(self, params, grads, states):
+    # -- eager --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _dense_update(self, grads, states):
+        """Each optimiser group's step by torch's functional Adam with the group's own settings (fused
+        where the trainer made it so): the optimisers' arithmetic on their state without their Python
+        ``step`` (~0.1 ms each). Eager because Inductor's code for it, traced into the graph, took
+        1.1 ms a step against 0.11 ms for the fused kernel (CPU, 230k parameters, kernel profile)."""
         start = 0
         for (opt, group), (exp_avgs, exp_avg_sqs, steps) in zip(self.groups, states):
             end = start + len(group["params"])
             beta1, beta2 = group["betas"]
-            adam(params[start:end], grads[start:end], exp_avgs, exp_avg_sqs, [], steps, foreach=True,
-                 capturable=True, decoupled_weight_decay=group.get("decoupled_weight_decay",
-                                                                   isinstance(opt, torch.optim.AdamW)),
+            adam(group["params"], grads[start:end], exp_avgs, exp_avg_sqs, [], steps, foreach=group["foreach"],
+                 fused=group["fused"], capturable=group["capturable"], differentiable=False,
+                 decoupled_weight_decay=group.get("decoupled_weight_decay", isinstance(opt, torch.optim.AdamW)),
                  amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
                  eps=group["eps"], maximize=group["maximize"])
             start = end
 
-    # -- eager preparation -------------------------------------------------------------------
-    def _signature(self, batch: Batch, workers: int) -> tuple:
-        """What the compiled graphs depend on besides the padded inputs' shapes: while it stays the
-        same, the graph compiled for it is the one to run (a change runs torch.compile's guards,
+    def _signature(self, batch: Batch, workers: int, inputs: tuple) -> tuple:
+        """What the compiled graph depends on besides the padded batch's fixed shapes: while it stays
+        the same, the graph compiled for it is the one to run (a change runs torch.compile's guards,
         which recompile if needed)."""
-        hyper = tuple((g["lr"], g["betas"], g["eps"], g["weight_decay"], g["maximize"]) for _, g in self.groups)
+        histograms, large_cols = inputs[7], inputs[8]  # (see _inputs)
         values = self.table.values
-        return (hyper, self.table.lr, self.table.betas, self.table.eps, values.shape, values.dtype, values.device,
+        return (self.table.lr, self.table.betas, self.table.eps, values.shape, values.dtype, values.device,
                 self.module.autocast_dtype, self.module.training, workers, batch.covariates is None,
                 tuple(x.dtype for x in batch.counts.values()), batch.index.device,
-                tuple(p.dtype for p in self.params))
+                tuple(p.dtype for p in self.params), tuple(h.shape for h in histograms.values()),
+                tuple(c.shape for c in large_cols.values()))
 
     def _states(self):
         out = []
@@ -179,14 +182,28 @@ class CompiledStep:
         modality_weight = {m: cell_weight if batch.observed is None or m not in batch.observed
                            else cell_weight * _pad_rows(batch.observed[m].to(cell_weight.dtype), pad)
                            for m in batch.counts}
-        histograms, large_values, large_grads = {}, {}, {}
-        for m, x in batch.counts.items():
+        histograms, large_cols, large_values = {}, {}, {}
+        for m in batch.counts:
             summary = _summary(batch, m)
             histograms[m] = summary.histogram
-            large_values[m], large_grads[m] = large_count_terms(summary, self.module.dispersion(m))
+            large_cols[m], large_values[m] = self._padded_large(m, summary)
         inv = torch.tensor(inv_batch, device=device)
-        return (index, source, counts, library, covariates, cell_weight, modality_weight, histograms, large_values,
-                large_grads, inv, workers)
+        return (index, source, counts, library, covariates, cell_weight, modality_weight, histograms, large_cols,
+                large_values, inv, workers)
+
+    def _padded_large(self, m: str, summary: CountSummary) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summary's counts above its width, padded to this modality's capacity with counts at
+        the width (terms zero); the capacity grows to a power of two with 25% room when a batch needs it."""
+        cols, values = summary.large_cols, summary.large_values
+        if len(values) > self.large_capacity[m]:
+            capacity = max(64, 1 << (int(1.25 * len(values)) - 1).bit_length())
+            if self.large_capacity[m]:
+                log.info("training: %d %s counts above %d in one batch; compiling the step for up to %d",
+                         len(values), m, summary.width, capacity)
+            self.large_capacity[m] = capacity
+        pad = self.large_capacity[m] - len(values)
+        return (torch.cat([cols, cols.new_zeros(pad)]),
+                torch.cat([values, values.new_full((pad,), float(summary.width))]))
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -210,10 +227,11 @@ def _summary(batch: Batch, m: str) -> CountSummary:
 
 
 def _initial_state(opt: torch.optim.Optimizer, group: dict) -> None:
-    """The Adam state torch's optimiser creates at its first step (fused or capturable layout: the
-    step count a 0-d float32 tensor on the parameter's device), made before the graph updates it."""
+    """The Adam state torch's optimiser creates at its first step (the step count a 0-d float32
+    tensor, on the parameter's device when fused or capturable, else on the CPU)."""
     for p in group["params"]:
         if not opt.state[p]:
-            opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+            on_device = group["fused"] or group["capturable"]
+            opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
                             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}

@@ -34,9 +34,9 @@ class TrainConfig:
     heldout_epochs: int = 20  # refinement epochs for test-cell representations after training
     seed: int = 0
     precision: str = "32"  # "bf16-mixed": decoder matrix products in bf16, likelihood and priors in fp32
-    compile: bool = False  # torch.compile the step's dense part (decoder, dense NB terms, mixture priors,
-    # hyper-priors): 1.23x per CPU step on 20k x 2,000 simulated cells, 1.04-1.06x per epoch on SNARE-seq
-    # and Kang, 10-25 s to compile once per process; off by default (see README, "Devices and precision")
+    compile: bool = False  # torch.compile the training step (forward, backward, row Adam; atlasdgd.train.
+    # compiled_step): ~2x per CPU step on 50k x 2,000 simulated cells, 20-30 s to compile once per process;
+    # off by default (see README, "Devices and precision")
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
