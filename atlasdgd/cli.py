@@ -103,8 +103,9 @@ def _add_train(sub) -> None:
                    help="mixture start (auto: label classes when --label-key is given, else Leiden)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the training step (forward, backward, row update): ~2x per CPU step "
-                        "of a few thousand genes, ~20-30 s to compile (pays on long runs over large atlases; "
-                        "needs a C++ compiler on CPUs)")
+                        "of a few thousand genes, ~20-30 s to compile; default: on for CPU runs of >= 50,000 "
+                        "training cells per worker (needs a C++ compiler; falls back to eager with a warning)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="never compile the training step")
     p.add_argument("--mixture-step", choices=["adam", "em"], default=None,
                    help="basal mixture update: adam every minibatch, or em once per epoch (see README)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",

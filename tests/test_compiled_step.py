@@ -4,6 +4,7 @@ import copy
 import logging
 
 import mudata
+import pytest
 import torch
 
 import atlasdgd
@@ -181,3 +182,25 @@ def test_a_batch_with_more_large_counts_or_another_histogram_width_compiles_agai
     capacity = compiled._compiled.large_capacity["rna"]
     assert capacity >= summaries["rna"].large_values.numel() > first.count_summaries["rna"].large_values.numel()
     assert compiled._compiled is not None
+
+
+def test_compile_auto_compiles_large_cpu_runs_only_and_the_cli_can_say_either():
+    from atlasdgd.cli import build_parser
+    from atlasdgd.train.config import AUTO_COMPILE_CELLS, compiles_step
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = TrainConfig()
+    assert auto.compile == "auto"
+    assert compiles_step(auto, AUTO_COMPILE_CELLS, cpu) and not compiles_step(auto, AUTO_COMPILE_CELLS - 1, cpu)
+    assert not compiles_step(auto, 10 * AUTO_COMPILE_CELLS, cuda)  # GPU: asked for, not yet a default
+    assert compiles_step(TrainConfig(compile=True), 10, cuda) and not compiles_step(TrainConfig(compile=False), 10**7, cpu)
+    with pytest.raises(ValueError, match="compile must be True, False or 'auto'"):
+        TrainConfig(compile="yes")
+    trainer, _ = _setup(False)
+    big = Trainer(trainer.module, TrainConfig(batch_size=64), trainer.train_table, n_train_total=AUTO_COMPILE_CELLS)
+    small = Trainer(trainer.module, TrainConfig(batch_size=64), trainer.train_table)
+    assert big._compiled is not None and small._compiled is None
+    train = ["train", "data.h5ad", "--out", "m"]
+    assert build_parser().parse_args(train).compile is None  # the config's default ("auto") applies
+    assert build_parser().parse_args(train + ["--compile"]).compile is True
+    assert build_parser().parse_args(train + ["--no-compile"]).compile is False

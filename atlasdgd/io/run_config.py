@@ -36,6 +36,8 @@ def options_of(parser: argparse.ArgumentParser) -> list[Option]:
         # required options (--out) stay on the command line: argparse checks them before a file is read
         if not a.option_strings or a.required or a.dest in META or a.dest == argparse.SUPPRESS:
             continue
+        if isinstance(a, argparse._StoreFalseAction):  # the --no-x of a flag x: a file says "x: false"
+            continue
         if isinstance(a, argparse._StoreTrueAction):
             kind = "flag"
         elif isinstance(a, argparse._AppendAction):

@@ -18,7 +18,7 @@ from atlasdgd.model.module import Batch, DGDModule
 from atlasdgd.runtime.sync import all_reduce_sum, allreduce_gradients, world_size
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.train.compiled_step import CompiledStep
-from atlasdgd.train.config import TrainConfig
+from atlasdgd.train.config import TrainConfig, compiles_step
 from atlasdgd.train.early_stopping import EarlyStopping, Snapshot
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,10 @@ class Trainer:
         # padded, see atlasdgd.train.compiled_step); None: eager
         self._compiled: CompiledStep | None = None
         self._compiled_ran = False
-        if config.compile:
-            log.info("training: compiling the training step with torch.compile (once, ~30 s on 2 CPU cores)")
+        device = next(module.parameters()).device
+        if compiles_step(config, self.n_train_total // world_size(), device):
+            why = " (compile='auto': a large CPU run; compile=False turns it off)" if config.compile == "auto" else ""
+            log.info("training: compiling the training step with torch.compile (once, ~30 s on 2 CPU cores)%s", why)
             self._compiled = CompiledStep(module, self.optimizers, train_table, config.batch_size,
                                           self.hyperprior_weight, config.l1)
 
