@@ -9,6 +9,7 @@ import torch
 
 import atlasdgd
 from atlasdgd.data.count_summary import summarize_counts
+from atlasdgd.model.nb import nonzero_entries
 from atlasdgd.optim.row_adam import RepresentationTable
 from atlasdgd.train.config import TrainConfig
 from atlasdgd.train.trainer import Trainer
@@ -171,8 +172,9 @@ def test_a_batch_with_more_large_counts_or_another_histogram_width_compiles_agai
     compiled, _ = _setup(True, copy.deepcopy(eager.module))
     first, second = list(loader)[:2]
     summaries = {}
-    for m, (rows, cols, values) in second.nonzeros.items():
-        summaries[m] = summarize_counts(cols.numpy(), values.numpy(), second.counts[m].shape[1], width=2)
+    for m, x in second.counts.items():
+        rows, cols, values = nonzero_entries(x)
+        summaries[m] = summarize_counts(cols.numpy(), values.numpy(), x.shape[1], width=2)
     second.count_summaries = summaries
     for batch in (first, second, first):
         a, _ = eager.train_step(batch)

@@ -458,6 +458,7 @@ def test_batch_count_summaries_sum_the_count_terms_of_their_observed_cells(store
     assert next(iter(cells.loader(cells.split_rows("train"), 96))).count_summaries is None  # only where asked for
     unobserved = 0
     for batch in loader:
+        assert batch.nonzeros is None  # the summaries stand in for them: nothing more to queue or copy
         for m in cells.modalities:
             r = torch.tensor(rng.uniform(0.1, 20.0, batch.counts[m].shape[1]), dtype=torch.float64)
             rows, cols, values = _dense_nonzeros(batch.counts[m])
