@@ -189,7 +189,8 @@ class Atlas:
             stored = open_store(source, storage_options).obs_names.astype(str)
             if not trained.cells.obs_names.astype(str).equals(stored):
                 raise AtlasError(f"the model {model!r} was not trained on the cells of this store (cell names or "
-                                 "their order differ): train it on the store, or let 'atlas create' train")
+                                 "their order differ): train it on the store, let 'atlas create' train, or ingest the "
+                                 "model's input with --order input (stores are [train | validation | test] by default)")
         else:
             trained = DGD(source, label_key=label_key, covariate_keys=list(covariate_keys), seed=seed, device=device,
                           storage_options=storage_options, **(model_options or {}))
@@ -226,8 +227,9 @@ class Atlas:
 
         segment = f"segments/{version:04d}-{token}.zarr"
         self._make_folders()
+        # in the input's order: the segment's rows must line up with the mapped cells' table below
         ingest(data, self._path(segment), label_key=label_key if has_labels else None,
-               covariate_keys=list(model.vocab.covariates), seed=model.train_config.seed,
+               covariate_keys=list(model.vocab.covariates), seed=model.train_config.seed, order="input",
                storage_options=self.storage_options, progress=progress)
         _fault("append")
         classes_before = {k: list(v) for k, v in model.vocab.covariates.items()}

@@ -66,8 +66,8 @@ def _add_ingest(sub) -> None:
     p.add_argument("--layer", help="layer with raw counts instead of X (for a SOMA query: the X layer, default counts)")
     p.add_argument("--shuffle", action="store_true", help="store cells in a seeded random order (--order shuffle)")
     p.add_argument("--order", choices=["input", "shuffle", "split"], default=None,
-                   help="cell order in the store: input (default), shuffle, or split = [train | validation | "
-                        "test] each shuffled (fastest to train from: held-out cells are read as ranges)")
+                   help="cell order in the store: split = [train | validation | test] each shuffled (the default, "
+                        "fastest to train from: held-out cells are read as ranges), shuffle, or input (the input's)")
     p.add_argument("--min-cells-fraction", type=float, default=0.0,
                    help="keep features detected in at least this fraction of cells (default: keep all)")
     p.add_argument("--chunk-cells", type=int, default=4096, help="cells per read block / storage chunk")
@@ -360,7 +360,9 @@ def cmd_ingest(args) -> None:
 
     if args.shuffle and args.order not in (None, "shuffle"):
         raise AtlasDGDError(f"--shuffle and --order {args.order} contradict each other: pass one")
-    order = args.order or ("shuffle" if args.shuffle else "input")  # one cell order for either backend
+    from atlasdgd.store.ingest import DEFAULT_ORDER
+
+    order = args.order or ("shuffle" if args.shuffle else DEFAULT_ORDER)  # one cell order for either backend
     if args.store.startswith(SCHEME):
         out = ingest_soma(args.input, args.store, label_key=args.label_key, covariate_keys=args.covariate_key,
                           split_key=args.split_key, layer=args.layer, min_cells_fraction=args.min_cells_fraction,

@@ -31,7 +31,9 @@ def test_every_command_prints_a_strict_json_summary_last(tmp_path, capsys):
     assert s["out"] == f"{d}/a.h5ad" and s["cells"] == 400
     _run(capsys, ["simulate", "--out", f"{d}/q.h5ad", "--cells", "120", "--genes", "40", "--peaks", "0", "--types", "3",
                   "--batches", "2", "--seed", "3"])
-    s = _run(capsys, ["ingest", f"{d}/a.h5ad", f"{d}/a.zarr", "--label-key", "cell_type", "--covariate-key", "batch"])
+    # in the input's order: the atlas below adopts this store with a model trained on the .h5ad itself
+    s = _run(capsys, ["ingest", f"{d}/a.h5ad", f"{d}/a.zarr", "--label-key", "cell_type", "--covariate-key", "batch",
+                      "--order", "input"])
     assert s["cells"] == 400 and s["features"] == {"rna": 40}
     s = _run(capsys, ["train", f"{d}/a.h5ad", "--out", f"{d}/m", "--label-key", "cell_type", "--covariate-key", "batch",
                       "--epochs", "2", "--min-epochs", "1", "--latent-dim", "3", "--components", "3"])

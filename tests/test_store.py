@@ -46,22 +46,26 @@ def _dense(x):
     return x.toarray() if sparse.issparse(x) else np.asarray(x)
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_ingest_round_trip_is_exact_for_every_modality_and_obs_column(h5mu, tmp_path, shuffle):
+@pytest.mark.parametrize("order", ["input", "shuffle", None])
+def test_ingest_round_trip_is_exact_for_every_modality_and_obs_column(h5mu, tmp_path, order):
+    # None: the default, [train | validation | test] each shuffled
     uri = tmp_path / "atlas.zarr"
-    ingest(str(h5mu), str(uri), label_key="cell_type", covariate_keys=["batch"], shuffle=shuffle, chunk_cells=256,
+    ingest(str(h5mu), str(uri), label_key="cell_type", covariate_keys=["batch"], order=order, chunk_cells=256,
            progress=False)
     cells = open_store(str(uri))
     md = read_input(h5mu)
     expected = prepare(md, label_key="cell_type", covariate_keys=["batch"])
-    order = pd.Index(expected.obs_names).get_indexer(cells.obs_names)
-    assert (order >= 0).all() and len(order) == md.n_obs
-    assert shuffle == (not np.array_equal(order, np.arange(md.n_obs)))
+    store_order = pd.Index(expected.obs_names).get_indexer(cells.obs_names)
+    assert (store_order >= 0).all() and len(store_order) == md.n_obs
+    assert (order != "input") == (not np.array_equal(store_order, np.arange(md.n_obs)))
+    if order is None:  # the held-out cells are contiguous ranges after the training cells
+        ranks = cells.obs["dgd_split"].astype(str).map({"train": 0, "validation": 1, "test": 2}).to_numpy()
+        assert (np.diff(ranks) >= 0).all() and set(ranks) == {0, 1, 2}
     for m in ("rna", "atac"):
         got = cells.store.read_range(m, 0, cells.n_cells)
-        np.testing.assert_array_equal(got.toarray(), expected.counts[m][order].toarray())
-        np.testing.assert_array_equal(cells.library(m), expected.library(m)[order])
-        np.testing.assert_array_equal(cells.observed[m], expected.observed[m][order])
+        np.testing.assert_array_equal(got.toarray(), expected.counts[m][store_order].toarray())
+        np.testing.assert_array_equal(cells.library(m), expected.library(m)[store_order])
+        np.testing.assert_array_equal(cells.observed[m], expected.observed[m][store_order])
         # anndata opens the modality group on its own
         adata = ad.read_zarr(uri / "mod" / m)
         np.testing.assert_array_equal(_dense(adata.X), got.toarray())
@@ -69,8 +73,8 @@ def test_ingest_round_trip_is_exact_for_every_modality_and_obs_column(h5mu, tmp_
         np.testing.assert_array_equal(adata.var["n_cells_detected"], (got > 0).sum(0).A1)
     assert cells.observed["atac"].sum() == md.n_obs - 50
     for col in ("cell_type", "batch"):
-        assert list(cells.obs[col].astype(str)) == list(md.obs[col].astype(str).iloc[order])
-    assert list(cells.obs["dgd_split"].astype(str)) == list(expected.obs["dgd_split"].astype(str).iloc[order])
+        assert list(cells.obs[col].astype(str)) == list(md.obs[col].astype(str).iloc[store_order])
+    assert list(cells.obs["dgd_split"].astype(str)) == list(expected.obs["dgd_split"].astype(str).iloc[store_order])
 
 
 def test_store_cells_keep_annotations_by_row_and_read_cell_names_when_asked(h5mu, tmp_path):
@@ -120,7 +124,7 @@ def test_split_order_stores_train_validation_test_as_shuffled_ranges(h5mu, tmp_p
 
 def test_feature_filter_keeps_features_detected_in_enough_cells(h5mu, tmp_path):
     uri = tmp_path / "filtered.zarr"
-    ingest(str(h5mu), str(uri), min_cells_fraction=0.2, progress=False)
+    ingest(str(h5mu), str(uri), min_cells_fraction=0.2, order="input", progress=False)
     cells = open_store(str(uri))
     md = read_input(h5mu)
     for m in ("rna", "atac"):
@@ -581,7 +585,7 @@ def test_soma_ingest_reads_the_input_block_by_block_and_leaves_nothing_when_a_bl
     monkeypatch.setattr(ingest_module, "_read_block", lambda root, mod, cells, n: sizes.append(len(cells)) or
                         read_block(root, mod, cells, n))
     uri = ingest_soma(str(good), f"soma://{tmp_path / 'a.soma'}", label_key="cell_type", covariate_keys=["batch"],
-                      min_cells_fraction=0.01, chunk_cells=128)
+                      min_cells_fraction=0.01, chunk_cells=128, order="input")
     assert max(sizes) <= 128 and sum(sizes[-6:]) == 700  # the last six reads are the blocks (the first: the filter's)
     cells = open_store(f"soma://{uri}")
     assert list(cells.store.var["rna"].index) == [f"g{j}" for j in range(39)]
@@ -592,7 +596,7 @@ def test_soma_ingest_reads_the_input_block_by_block_and_leaves_nothing_when_a_bl
     bad = x.tolil()
     bad[650, 3] = 2.5  # non-integer, in the last block
     ad.AnnData(X=bad.tocsr(), obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(40)])).write_h5ad(tmp_path / "bad.h5ad")
-    with pytest.raises(InputError, match="640-699"):
+    with pytest.raises(InputError, match=r"input rows 650; 0-based"):  # named in the input's rows, whatever the store's order
         ingest_soma(str(tmp_path / "bad.h5ad"), f"soma://{tmp_path / 'b.soma'}", chunk_cells=128)
     assert not (tmp_path / "b.soma").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.soma.tmp")]

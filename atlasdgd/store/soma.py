@@ -165,13 +165,13 @@ def _id_column(df: pd.DataFrame, preferred: str) -> str:
 
 
 def ingest_soma(input_path: str, uri: str, *, label_key: str | None = None, covariate_keys=(), split_key=None,
-                layer: str | None = None, min_cells_fraction: float = 0.0, order: str = "input", seed: int = 0,
+                layer: str | None = None, min_cells_fraction: float = 0.0, order: str | None = None, seed: int = 0,
                 overwrite: bool = False, chunk_cells: int = 4096, progress: bool = False) -> str:
     """Write an .h5ad/.h5mu/AnnData .zarr into a SOMA experiment (one measurement per modality, X layer
     ``counts``) with atlasdgd's obs columns, out of core like :func:`~atlasdgd.store.ingest.ingest` and
     with the same cell table and split: checks first, then the counts block by block (memory is one
     block of ``chunk_cells`` cells, not the input), the library sizes into obs last. ``order`` and
-    ``min_cells_fraction`` as in the zarr ingest ("split": held-out cells are contiguous joinid ranges).
+    ``min_cells_fraction`` as in the zarr ingest (default "split": held-out cells are contiguous joinid ranges).
     Written to a temporary directory beside ``uri`` and moved into place at the end."""
     import json
     import shutil
@@ -182,7 +182,7 @@ def ingest_soma(input_path: str, uri: str, *, label_key: str | None = None, cova
     tiledbsoma = _soma()
     soma_io = tiledbsoma.io
 
-    from atlasdgd.store.ingest import BlockTotals, count_blocks, plan_ingest
+    from atlasdgd.store.ingest import DEFAULT_ORDER, BlockTotals, count_blocks, plan_ingest
 
     path = Path(_path(uri))
     if path.exists() and not overwrite:
@@ -190,7 +190,7 @@ def ingest_soma(input_path: str, uri: str, *, label_key: str | None = None, cova
     if not path.parent.is_dir():
         raise StoreError(f"the folder {str(path.parent)!r} for the experiment does not exist: create it first")
     plan = plan_ingest(input_path, label_key=label_key, covariate_keys=covariate_keys, split_key=split_key,
-                       layer=layer, order=order, min_cells_fraction=min_cells_fraction, chunk_cells=chunk_cells,
+                       layer=layer, order=order or DEFAULT_ORDER, min_cells_fraction=min_cells_fraction, chunk_cells=chunk_cells,
                        seed=seed)
     names = {m: plan.feature_names(m).to_numpy() for m in plan.mods}
     obs = plan.obs.copy()
