@@ -3,6 +3,21 @@
     python3.12 -m venv runs/annbatch-venv && runs/annbatch-venv/bin/pip install "annbatch[zarrs]"
     runs/annbatch-venv/bin/python benchmarks/annbatch_peer.py INPUT.h5ad WORKDIR [--batch-size 128]
 
+On a Debian 12 machine without Python >= 3.12 (this project's: 3.11 only), as root, a Debian 13 chroot
+gives one (Python 3.13; ~5 minutes; the host's CA bundle where a proxy re-signs TLS):
+
+    apt-get install -y debootstrap
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates trixie /tmp/trixie
+    mkdir -p /tmp/trixie/work && mount --bind /work /tmp/trixie/work   # the repository's parent
+    mount -t proc proc /tmp/trixie/proc && mount --bind /dev /tmp/trixie/dev
+    cp /etc/resolv.conf /tmp/trixie/etc/ && cp /etc/ssl/certs/ca-certificates.crt /tmp/trixie/etc/ssl/certs/
+    chroot /tmp/trixie sh -c 'python3 -m venv /opt/annbatch && /opt/annbatch/bin/pip install "annbatch[zarrs]"'
+
+and a wrapper to pass as ``loader_throughput.py --annbatch-python`` (same working directory inside):
+
+    #!/bin/sh
+    exec chroot /tmp/trixie /bin/sh -c 'cd "$1" && shift && exec /opt/annbatch/bin/python "$@"' sh "$PWD" "$@"
+
 Standalone (does not import atlasdgd, which stays on Python 3.11). Converts INPUT into an annbatch
 DatasetCollection (shuffled, sharded zarr; conversion time reported) and times one epoch of its
 Loader, start-up included. Prints one JSON line.
