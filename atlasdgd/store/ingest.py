@@ -38,7 +38,7 @@ ORDERS = {
     "split": "[train | validation | test], each in a seeded random order",
 }
 # the default: the issue-12 measurements (one epoch, validation and a held-out epoch from a 200k-cell
-# store) took 55 s and 669 MiB from a split store against 75 s and 748-780 MiB in the input's order
+# store) took 55 s and 669 MiB from a split store against 73-86 s and 748-780 MiB in the input's order
 DEFAULT_ORDER = "split"
 
 
