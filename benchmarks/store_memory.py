@@ -4,7 +4,7 @@
         [--compile auto|on|off] [--train-only --keep]
 
 For each size, in fresh processes (peak RSS from getrusage): simulate an .h5ad (chunked writer),
-`ingest` it into a zarr store, and train one epoch from the store (PCA start fitted on 20k cells,
+`ingest` it into a zarr store (the default order: [train | validation | test]), and train one epoch from the store (PCA start fitted on 20k cells,
 then one epoch, validation and one refinement epoch of test cells). Memory should not grow with the
 number of cells beyond the representation tables (reported alongside: cells x dims x 4 bytes x 3
 for values and the two Adam moments). Prints one JSON line per size. ``--compile``: the training
@@ -70,7 +70,7 @@ def main() -> None:
             record[step] = json.loads(res.stdout.strip().splitlines()[-1])
         h5 = work / f"sim_{n}.h5ad"
         record["h5ad_mib"] = round(h5.stat().st_size / 2**20, 1) if h5.exists() else None
-        if not args.keep:
+        if not args.keep and not args.train_only:  # (--train-only runs on stores it did not make)
             import shutil
 
             h5.unlink(missing_ok=True)
