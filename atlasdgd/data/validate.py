@@ -9,6 +9,11 @@ from scipy import sparse
 from atlasdgd.errors import InputError
 
 
+def invalid_counts(values: np.ndarray) -> np.ndarray:
+    """Mask of the entries that are not raw counts: non-finite, negative or fractional."""
+    return ~np.isfinite(values) | (values < 0) | (values != np.round(values))
+
+
 def check_counts(name: str, x: sparse.csr_matrix) -> None:
     """Counts must be finite, non-negative and integer-valued (integer floats are fine)."""
     if x.shape[0] == 0 or x.shape[1] == 0:

@@ -142,9 +142,7 @@ def _check_block(name: str, block: sparse.csr_matrix, cells: np.ndarray) -> None
     try:
         validate.check_counts(name, block if block.shape[0] else sparse.csr_matrix((1, max(1, block.shape[1]))))
     except InputError as e:
-        values = block.data
-        wrong = ~np.isfinite(values) | (values < 0) | (values != np.round(values))
-        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))[wrong]
+        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))[validate.invalid_counts(block.data)]
         at_fault = np.unique(np.asarray(cells)[rows]) if len(rows) else np.sort(np.asarray(cells))
         shown = ", ".join(str(int(c)) for c in at_fault[:5])
         more = f", ... ({len(at_fault)} in all)" if len(at_fault) > 5 else ""
