@@ -384,6 +384,24 @@ def test_batches_kept_after_their_windows_are_reused_still_hold_their_cells(stor
             np.testing.assert_array_equal(dense, want)
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_shuffling_loader_holds_one_window_at_a_time(store, monkeypatch, prefetch):
+    # a batch that spans two windows is filled from the first, whose buffers then take the second:
+    # an epoch of many windows makes one buffer per modality, where holding both at every boundary
+    # made two (the window is the loader's largest allocation; the test above checks the batches)
+    from atlasdgd.data.window import WindowBuffer
+
+    made = []
+    init = WindowBuffer.__init__
+    monkeypatch.setattr(WindowBuffer, "__init__", lambda self: (made.append(self), init(self))[1])
+    cells = open_store(str(store))
+    rows = cells.split_rows("train")
+    loader = cells.loader(rows, 40, seed=0, chunk_cells=32, buffer_chunks=2, prefetch=prefetch)
+    sizes = [len(b) for b in loader]
+    assert sum(sizes) == len(rows) and len(rows) > 10 * 64  # many windows of 64 cells, batches across them
+    assert len(made) == len(cells.modalities)
+
+
 def test_a_loader_stopped_early_leaves_no_reader_threads_and_read_errors_reach_the_caller(store, monkeypatch):
     import threading
 
