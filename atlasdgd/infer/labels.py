@@ -91,9 +91,10 @@ class LabelTransfer:
     shift_corrected: bool = True  # typicality relative to the query's own median distance
 
     def __post_init__(self):
-        from sklearn.neighbors import NearestNeighbors
+        from atlasdgd.infer.neighbours import Neighbours
 
-        self._index = NearestNeighbors(n_neighbors=min(self.k, len(self.reference))).fit(self.reference)
+        self._index = Neighbours(self.reference)  # (not scikit-learn's: see atlasdgd.infer.neighbours)
+        self._k = min(self.k, len(self.reference))
         self._membership = _membership(self.component_labels, self.labels)
         # each reference cell's mean distance to its k nearest other reference cells, sorted (the same
         # index, asked for k + 1 neighbours of the reference's own points; the first is the point itself)
@@ -101,7 +102,7 @@ class LabelTransfer:
         if k < 1:
             self._reference_spread = np.zeros(1)
         else:
-            spread = [self._index.kneighbors(self.reference[i : i + NEIGHBOUR_BLOCK], n_neighbors=k + 1)[0][:, 1:].mean(1)
+            spread = [self._index.query(self.reference[i : i + NEIGHBOUR_BLOCK], k + 1)[0][:, 1:].mean(1)
                       for i in range(0, len(self.reference), NEIGHBOUR_BLOCK)]
             self._reference_spread = np.sort(np.concatenate(spread))
 
@@ -140,7 +141,7 @@ class LabelTransfer:
         distance = np.empty(len(basal))
         votes = np.empty((len(basal), n_labels))
         for start in range(0, len(basal), NEIGHBOUR_BLOCK):  # see NEIGHBOUR_BLOCK
-            dist, idx = self._index.kneighbors(basal[start : start + NEIGHBOUR_BLOCK])
+            dist, idx = self._index.query(basal[start : start + NEIGHBOUR_BLOCK], self._k)
             distance[start : start + len(idx)] = dist.mean(axis=1)
             cell_label = np.repeat(np.arange(len(idx)), idx.shape[1]) * n_labels + self.reference_codes[idx].ravel()
             votes[start : start + len(idx)] = np.bincount(cell_label, minlength=len(idx) * n_labels).reshape(len(idx), n_labels)
@@ -151,7 +152,7 @@ class LabelTransfer:
                 distance = distance / shift
         # (count + 1) / (n + 1): never exactly 0, so no confidence is 0
         typical = (len(spread) - np.searchsorted(spread, distance, side="left") + 1.0) / (len(spread) + 1.0)
-        k = self._index.n_neighbors
+        k = self._k
         return (votes + 1.0 / n_labels) / (k + 1.0), typical
 
     def posterior_mass(self, posterior: np.ndarray) -> np.ndarray:
