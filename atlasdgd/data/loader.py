@@ -197,7 +197,7 @@ class CellLoader:
         (``window_of``: each position's window). A batch that spans two windows is filled from the
         first, whose buffers then go to ``free`` (no later batch reads it) and take the second: one
         window in memory at a time, not two at every boundary (a window of 16k cells x 2,000 genes
-        is ~29 MiB; training 200k cells peaked that much higher than 20k, measured)."""
+        is ~29 MiB: at 200k cells the training epoch's live heap fell by that much, measured)."""
         loaded: dict[int, tuple] = {}
         next_window = 0
         for positions in self.plan.batches(self.epoch, order):
