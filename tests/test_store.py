@@ -292,9 +292,10 @@ def test_batches_carry_counts_libraries_and_covariates_of_their_cells(store):
     np.testing.assert_array_equal(batch.covariates.numpy(), cells.covariate_codes()[idx])
 
 
-def test_concurrent_reads_and_zarrs_codecs_give_exactly_the_default_pipelines_counts(store, monkeypatch):
-    # the loader reads a window's chunks concurrently through zarrs when it is installed; the counts must
-    # be those of zarr's own pipeline read one block at a time, and zarr's global config must not change
+def test_concurrent_reads_by_chunk_or_zarrs_give_exactly_the_default_pipelines_counts(store, monkeypatch):
+    # the loader reads a window's chunks concurrently, by atlasdgd's chunk reader on a local store (zarrs
+    # where zarr reads); the counts must be those of zarr's own pipeline read one block at a time, and
+    # zarr's global config must not change
     import zarr
 
     from atlasdgd.store import zarr_store
@@ -305,8 +306,10 @@ def test_concurrent_reads_and_zarrs_codecs_give_exactly_the_default_pipelines_co
     assert type(fast.store._data["rna"]._async_array.codec_pipeline).__name__ == "ZarrsCodecPipeline"
     assert zarr.config.get("codec_pipeline.path") == before
     monkeypatch.setattr(zarr_store, "fast_codecs", lambda: __import__("contextlib").nullcontext())
+    monkeypatch.setenv(zarr_store.READER_ENV, "zarr")  # zarr's own pipeline, not atlasdgd's chunk reader
     plain = open_store(str(store))
     assert type(plain.store._data["rna"]._async_array.codec_pipeline).__name__ != "ZarrsCodecPipeline"
+    assert set(fast.store._chunk_readers) == set(fast.modalities) and not plain.store._chunk_readers
     rng = np.random.default_rng(0)
     blocks = [np.sort(rng.choice(fast.n_cells, 300, replace=False)), np.arange(100, 900), np.arange(5, 6)]
     for m in fast.modalities:

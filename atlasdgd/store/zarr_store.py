@@ -3,8 +3,9 @@
 The writer takes cells in blocks (any size) and writes whole shards only, so memory is one shard per
 modality plus the block in hand, whatever the number of cells. The reader serves contiguous cell
 ranges (the fast path: one contiguous read of ``data``/``indices`` per range); several ranges are
-read concurrently, and the counts arrays are decoded by zarrs (zarr's Rust codec pipeline) when it is
-installed.
+read concurrently. A local store's counts arrays are decoded chunk by chunk by
+:mod:`atlasdgd.store.shard_reader` (blosc straight from the shard files); elsewhere (s3, memory) zarr
+reads them, with zarrs (zarr's Rust codec pipeline) when it is installed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from scipy import sparse
 
 from atlasdgd.store.format import (StoreError, StoreManifest, filesystem, read_manifest, with_names, write_manifest,
                                    zarr_store)
+from atlasdgd.store.shard_reader import ShardedBloscArray
 
 INDPTR_CHUNK = 1 << 20
 # lz4 with byte shuffle decodes ~3x faster than zarr's default zstd for 30% more bytes (measured on
@@ -40,6 +42,9 @@ COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 # simulated cells
 CHUNK_NONZEROS = 1 << 18
 READ_THREADS = 8  # concurrent range reads: zarr decodes them in parallel (26 -> 10 ms per window with zarrs)
+# where a local store's counts are read by atlasdgd's own chunk reader (atlasdgd.store.shard_reader):
+# "zarr" reads everything through zarr (a way out should that reader ever misbehave)
+READER_ENV = "ATLASDGD_ZARR_READER"
 
 
 def _all_integers(values: np.ndarray, block: int = 1 << 16) -> bool:
@@ -220,6 +225,7 @@ class ZarrAtlasStore:
             raise StoreError(f"{self.uri!r}: obs has {len(self.annotations)} cells, the manifest says "
                              f"{self.manifest.n_cells}: the store is damaged")
         self._indptr, self._data, self._indices, self.var = {}, {}, {}, {}
+        self._chunk_readers: dict[str, tuple] = {}  # modality -> (data, indices) readers, where they apply
         self._pool = None  # threads for concurrent reads, started on first use
         # a store whose writer checked its counts needs no check per read (~8% of the loader's time
         # on 100k x 2,000, measured); older stores are checked on every read
@@ -230,6 +236,9 @@ class ZarrAtlasStore:
                 indptr = x["indptr"][:]
                 with fast_codecs():
                     self._data[m], self._indices[m] = x["data"], x["indices"]
+                readers = tuple(ShardedBloscArray.open(a) for a in (self._data[m], self._indices[m]))
+                if all(readers) and os.environ.get(READER_ENV, "").lower() != "zarr":
+                    self._chunk_readers[m] = readers
                 self.var[m] = read_elem(self.root[f"mod/{m}/var"])
             except KeyError as e:
                 raise StoreError(f"{self.uri!r} lacks {e} for modality {m!r}: the store is damaged") from e
@@ -273,11 +282,13 @@ class ZarrAtlasStore:
         """Rows ``start:stop`` of a modality as CSR (one contiguous read)."""
         indptr = self._indptr[modality]
         lo, hi = int(indptr[start]), int(indptr[stop])
-        data = self._data[modality][lo:hi]
+        data_array, indices_array = self._data[modality], self._indices[modality]
+        data, indices = np.empty(hi - lo, dtype=data_array.dtype), np.empty(hi - lo, dtype=indices_array.dtype)
+        self._read_ranges(modality, [(lo, hi, data, indices)])
         if self._check_reads and not _all_integers(data):
             raise StoreError(f"{self.uri!r}: modality {modality!r} has non-integer counts in cells {start}-{stop}: "
                              "the store is not a count store; ingest raw counts")
-        return sparse.csr_matrix((data, self._indices[modality][lo:hi], indptr[start : stop + 1] - lo),
+        return sparse.csr_matrix((data, indices, indptr[start : stop + 1] - lo),
                                  shape=(stop - start, self.n_features(modality)))
 
     def read_row_blocks(self, modality: str, blocks: list[np.ndarray]) -> list[sparse.csr_matrix]:
@@ -305,13 +316,9 @@ class ZarrAtlasStore:
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         data_array, indices_array = self._data[modality], self._indices[modality]
         data, indices = buffer.arrays(int(offsets[-1]), data_array.dtype, indices_array.dtype)
-        reads = [(array, int(a), int(b), out[int(o) : int(o) + int(b - a)])
-                 for a, b, o in zip(lo, hi, offsets[:-1]) if b > a
-                 for array, out in ((data_array, data), (indices_array, indices))]
-        if len(reads) > 1:
-            list(self._read_pool().map(lambda r: _read_into(*r), reads))
-        elif reads:
-            _read_into(*reads[0])
+        self._read_ranges(modality, [(int(a), int(b), data[int(o) : int(o) + int(b - a)],
+                                      indices[int(o) : int(o) + int(b - a)])
+                                     for a, b, o in zip(lo, hi, offsets[:-1]) if b > a])
         if self._check_reads and not _all_integers(data):
             raise StoreError(f"{self.uri!r}: modality {modality!r} has non-integer counts in cells {firsts.min()}-"
                              f"{lasts.max()}: the store is not a count store; ingest raw counts")
@@ -322,6 +329,26 @@ class ZarrAtlasStore:
             row_pointers[row + 1 : row + n + 1] = indptr[first + 1 : last + 1] - (a - o)
             row += n
         return csr(data, indices, row_pointers, self.n_features(modality))
+
+    def _read_ranges(self, modality: str, ranges: list[tuple[int, int, np.ndarray, np.ndarray]]) -> None:
+        """Decode non-zeros ``[lo, hi)`` of ``data`` and ``indices`` into the given arrays, for each
+        ``(lo, hi, data_out, indices_out)``, concurrently: by chunk with atlasdgd's own reader where
+        it applies (a local store as atlasdgd writes it), else by range through zarr."""
+        readers = self._chunk_readers.get(modality)
+        if readers is not None:
+            data_reader, indices_reader = readers
+            tasks = [(reader, task) for lo, hi, data, indices in ranges
+                     for reader, out in ((data_reader, data), (indices_reader, indices))
+                     for task in reader.tasks(lo, hi, out)]
+            run = lambda t: t[0].run(t[1])  # noqa: E731
+        else:
+            tasks = [(array, lo, hi, out) for lo, hi, data, indices in ranges
+                     for array, out in ((self._data[modality], data), (self._indices[modality], indices))]
+            run = lambda t: _read_into(*t)  # noqa: E731
+        if len(tasks) > 1:
+            list(self._read_pool().map(run, tasks))
+        elif tasks:
+            run(tasks[0])
 
     def _read_pool(self):
         if self._pool is None:
