@@ -22,6 +22,7 @@ import torch
 
 from atlasdgd.data.count_summary import summarize_counts
 from atlasdgd.data.plan import BlockShufflePlan, shard_rows, steps_per_epoch
+from atlasdgd.data.row_gather import gather_dense
 from atlasdgd.data.window import WindowBuffer
 from atlasdgd.model.module import Batch
 from atlasdgd.runtime.malloc import TrimWhenGrown, release_free_memory
@@ -155,7 +156,8 @@ class CellLoader:
         cells = self.rows[positions]
         counts, _ = self._empty_batch(len(positions))
         every = np.arange(len(cells))
-        nonzeros = {m: _merged_entries([_fill_rows(self.source.read_rows(m, cells), every, counts[m].numpy(), every)])
+        # a resident source's ``counts`` are whole CSR matrices: rows copied from them straight into the batch
+        nonzeros = {m: _merged_entries([_fill_rows(self.source.counts[m], cells, counts[m].numpy(), every)])
                     for m in self.modalities}
         return self._finish(positions, counts, nonzeros)
 
@@ -268,24 +270,15 @@ def _contiguous(idx: np.ndarray) -> bool:
 def _fill_rows(x, rows: np.ndarray, out: np.ndarray, out_rows: np.ndarray):
     """``out[out_rows[i]] = x[rows[i]]`` (dense, zeros included) for CSR ``x``; returns the written
     entries as ``(out row, column, value)`` arrays (the likelihood's non-zeros, no search over the dense
-    block). A batch's cells of one chunk land in consecutive
-    output rows (positions are sorted and a chunk is a range of positions): for scipy blocks these go
-    through scipy's C++ row indexing and densification straight into the output (3-4x faster than
-    numpy fancy indexing, measured on 50k x 2,000 in memory); anything else is scattered in numpy."""
+    block; copies: ``x`` may be a window whose buffers the next window reuses). A batch's cells of one
+    chunk land in consecutive output rows (positions are sorted and a chunk is a range of positions):
+    for scipy blocks these go through scipy's C++ row copy and densification straight into the output
+    (:func:`~atlasdgd.data.row_gather.gather_dense`; 3-4x faster than numpy fancy indexing, measured on
+    50k x 2,000 in memory); anything else is scattered in numpy."""
     if hasattr(x, "toarray") and x.dtype == out.dtype and _contiguous(out_rows):
-        if _contiguous(rows):
-            whole = int(rows[0]) == 0 and len(rows) == x.shape[0]
-            rows_of_x = x if whole else x[int(rows[0]) : int(rows[-1]) + 1]
-        else:
-            rows_of_x = x[rows]
         first = int(out_rows[0])
-        rows_of_x.toarray(out=out[first : int(out_rows[-1]) + 1])
-        lengths = np.diff(rows_of_x.indptr)
-        start = int(rows_of_x.indptr[0])
-        end = start + int(lengths.sum())
-        cols, values = rows_of_x.indices[start:end], rows_of_x.data[start:end]
-        if rows_of_x is x:  # views of the block, whose window buffer the next window reuses: keep copies
-            cols, values = cols.copy(), values.copy()
+        indptr, cols, values = gather_dense(x, rows, out[first : int(out_rows[-1]) + 1])
+        lengths = np.diff(indptr)
         return np.repeat(np.arange(first, first + len(lengths), dtype=np.int32), lengths), cols, values
     out[out_rows] = 0
     return _scatter_rows(x, rows, out, out_rows)

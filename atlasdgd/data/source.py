@@ -4,7 +4,9 @@ In-memory AnnData/MuData (:class:`~atlasdgd.data.cells.CellData`), atlas stores 
 TileDB-SOMA (:class:`~atlasdgd.store.cells.StoreCells`) and query data lined up with a model
 (:class:`~atlasdgd.infer.query.Query`) all implement it, so there is one loader
 (:class:`~atlasdgd.data.loader.CellLoader`), one batch builder and one PCA start for all of them.
-A source in memory is just one whose blocks are already in RAM.
+A source in memory is just one whose blocks are already in RAM: it says so with ``resident = True``
+and hands its whole CSR matrices as ``counts`` (modality -> matrix), from which the loader copies each
+batch's rows straight into the batch.
 """
 
 from __future__ import annotations
