@@ -167,6 +167,9 @@ def test_count_terms_total_of_a_summary_matches_gammaln_and_digamma(n_features):
     x = rng.choice([0, 1, 2, 3, 5, 31, 32, 33, 40, 1000], size=2000).astype(np.float32)
     summary = summarize_counts(cols, x, n_features)
     assert summary.width == summary_width(n_features) == (32 if n_features == 30 else 1)
+    wide = summarize_counts(cols.astype(np.int64), x.astype(np.float64), n_features)  # other sources' dtypes
+    for name in ("histogram", "large_cols", "large_values"):
+        assert torch.equal(getattr(wide, name), getattr(summary, name))
     rr = torch.tensor(r, dtype=torch.float64, requires_grad=True)
     got = count_terms_total(summary, rr)
     xd, rc = x.astype(np.float64), r[cols]  # scipy in float64 (gammaln of float32 input is float32)
