@@ -319,6 +319,26 @@ def test_concurrent_reads_by_chunk_or_zarrs_give_exactly_the_default_pipelines_c
             np.testing.assert_array_equal(block.toarray(), want.toarray())
 
 
+def test_many_blocks_read_concurrently_through_zarr_finish(store, monkeypatch):
+    # zarr's path (remote stores; here forced) reads blocks on the store's threads; a block's own two
+    # reads must not queue behind them on the same threads, or more blocks than threads never finish
+    import threading
+
+    from atlasdgd.store import zarr_store
+
+    monkeypatch.setenv(zarr_store.READER_ENV, "zarr")
+    cells = open_store(str(store))
+    assert not cells.store._chunk_readers
+    blocks = [np.arange(i * 50, i * 50 + 40) for i in range(3 * zarr_store.READ_THREADS)]
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(parts=cells.read_row_blocks("rna", blocks)), daemon=True)
+    reader.start()
+    reader.join(timeout=120)
+    assert not reader.is_alive(), "reading blocks through zarr deadlocked"
+    for rows, part in zip(blocks, got["parts"]):
+        np.testing.assert_array_equal(part.toarray(), cells.read_rows("rna", rows).toarray())
+
+
 def test_window_blocks_join_into_one_csr_like_scipys_vstack():
     from atlasdgd.data.window import RowBlock, WindowBuffer
 
