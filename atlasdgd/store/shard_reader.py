@@ -18,6 +18,7 @@ scratch chunk and one buffer of compressed bytes (2 MiB at 256k values), so a re
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -34,8 +35,8 @@ class ShardedBloscArray:
         self.shard, self.chunk, self.fill_value = shard, chunk, fill_value
         self.chunks_per_shard = shard // chunk
         self._index: dict[int, np.ndarray] = {}  # shard -> its chunks' (offset, size), read once
-        # each reading thread's one chunk of scratch for partial chunks: a fresh 1 MiB array per
-        # partial chunk is fresh pages to fault in every time
+        # each reading thread's reused buffers (a chunk for partial chunks, its compressed bytes): a
+        # fresh 1 MiB array per chunk is fresh pages to fault in every time
         self._scratch = threading.local()
 
     @classmethod
@@ -46,8 +47,9 @@ class ShardedBloscArray:
 
             store, path = array.store_path.store, array.store_path.path
             meta = array.metadata.to_dict()
-            if (not hasattr(os, "pread") or not isinstance(store, LocalStore) or meta.get("zarr_format") != 3
-                    or len(meta["shape"]) != 1):
+            # blosc hands back the stored (little-endian) bytes as they are: native arrays only there
+            if (not hasattr(os, "pread") or sys.byteorder != "little" or not isinstance(store, LocalStore)
+                    or meta.get("zarr_format") != 3 or len(meta["shape"]) != 1):
                 return None
             grid, keys = meta["chunk_grid"], meta["chunk_key_encoding"]
             (codec,) = meta["codecs"]
@@ -59,7 +61,7 @@ class ShardedBloscArray:
                     or keys != {"name": "default", "configuration": {"separator": "/"}}
                     or inner["codecs"][0].get("configuration", {}).get("endian", "little") != "little"):
                 return None
-            dtype = np.dtype(str(array.dtype)).newbyteorder("<")
+            dtype = np.dtype(str(array.dtype))
             shard, chunk = int(grid["configuration"]["chunk_shape"][0]), int(inner["chunk_shape"][0])
             if shard % chunk:
                 return None
